@@ -1,0 +1,1 @@
+"""Benchmarks: log parsers, acceptance verdicts, reports and performance scripts."""

@@ -1,0 +1,1 @@
+"""Conversion: Hugging Face safetensors <-> Megatron-core checkpoints."""

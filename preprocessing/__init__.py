@@ -1,0 +1,1 @@
+"""Preprocessing: jsonl/parquet corpora to Megatron .bin/.idx."""
