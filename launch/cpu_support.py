@@ -1,0 +1,236 @@
+"""Everything megatron-core needs to run on CPU with gloo, in one place.
+
+megatron-core assumes CUDA throughout: it allocates on `device="cuda"` or
+`torch.cuda.current_device()`, keeps its tensor-parallel RNG streams in the CUDA generator,
+checks `param.type() == "torch.cuda.FloatTensor"`, synchronises streams and events, and its MoE
+alltoall dispatcher expects split sizes to come back from the GPU as numpy. None of that exists
+on a machine without a GPU. `enable_cpu_support()` bridges exactly those points:
+
+1. `torch.cuda` stand-ins: `current_device`, `device_count`, `set_device`, `synchronize`,
+   `Stream`/`Event`/`current_stream`/`default_stream`/`stream`, `empty_cache`, `nvtx`.
+2. The CUDA RNG used by `tensor_parallel.random` (its tracker of model-parallel seeds) is mapped
+   to the CPU generator. `torch.manual_seed` itself calls `torch.cuda.manual_seed_all`, so the
+   stand-in for `torch.cuda.manual_seed` seeds the CPU generator directly (never through
+   `torch.manual_seed`, which would recurse).
+3. A `TorchFunctionMode` rewrites every `device=` that names CUDA (a string, a `torch.device`,
+   or the integer `current_device()` returns) to CPU, turns `Tensor.cuda()` into identity, and
+   answers `Tensor.type()` with the `torch.cuda.*Tensor` names the optimizers check for.
+4. `fusions`/`transformer.utils.get_default_causal_mask` builds its mask on "cuda": covered by 3.
+5. `moe_utils` names `te_general_gemm` without defining it when Transformer Engine is absent.
+6. The alltoall dispatcher's `maybe_move_tensor_to_cpu(..., as_numpy=True)` skips CPU tensors,
+   so split sizes stay tensors; the stand-in converts them to numpy as on GPU.
+
+Usage (the trainer and `parallel.init_parallel` call it for you):
+
+    from qwen_pretrain.launch.cpu_support import enable_cpu_support
+    enable_cpu_support()   # no-op when CUDA is available; idempotent
+
+It never changes anything when `torch.cuda.is_available()` is true, so GPU runs use megatron-core
+untouched. Call it before building models, optimizers or dispatchers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+_ENABLED = False
+_MODE: Any = None
+
+
+def cpu_support_active() -> bool:
+    """True once `enable_cpu_support()` patched this process (CPU-only machines)."""
+    return _ENABLED
+
+
+def enable_cpu_support() -> bool:
+    """Patch torch.cuda / megatron-core for CPU; returns True when the patches are active."""
+    global _ENABLED, _MODE
+    if _ENABLED:
+        return True
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    _patch_torch_cuda(torch)
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()  # stays pushed for the life of the process
+    _patch_megatron()
+    _ENABLED = True
+    return True
+
+
+# --- 1 and 2: torch.cuda stand-ins ---------------------------------------------------------
+
+
+class _Stream:
+    """A stream that is always done; CPU work is synchronous."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> _Event:
+        return event or _Event()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _Event:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._time = 0.0
+
+    def record(self, stream: Any = None) -> None:
+        import time
+
+        self._time = time.perf_counter()
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: _Event) -> float:
+        return (end._time - self._time) * 1000.0
+
+
+class _Nvtx:
+    @staticmethod
+    def range_push(msg: str) -> None:
+        pass
+
+    @staticmethod
+    def range_pop() -> None:
+        pass
+
+    @staticmethod
+    @contextlib.contextmanager
+    def range(msg: str, *args: Any, **kwargs: Any):
+        yield
+
+
+def _patch_torch_cuda(torch: Any) -> None:
+    cuda = torch.cuda
+
+    def manual_seed(seed: int) -> None:
+        # Not torch.manual_seed: that calls torch.cuda.manual_seed_all and would come back here.
+        torch.default_generator.manual_seed(int(seed))
+
+    def get_rng_state(device: Any = "cuda") -> Any:
+        return torch.get_rng_state()
+
+    def set_rng_state(state: Any, device: Any = "cuda") -> None:
+        torch.set_rng_state(state)
+
+    stream = _Stream()
+    patches = {
+        "current_device": lambda: 0,
+        "device_count": lambda: 1,
+        "set_device": lambda device: None,
+        "synchronize": lambda device=None: None,
+        "empty_cache": lambda: None,
+        "Stream": _Stream,
+        "Event": _Event,
+        "current_stream": lambda device=None: stream,
+        "default_stream": lambda device=None: stream,
+        "stream": lambda s=None: contextlib.nullcontext(),
+        "nvtx": _Nvtx,
+        "manual_seed": manual_seed,
+        "get_rng_state": get_rng_state,
+        "set_rng_state": set_rng_state,
+        "memory_allocated": lambda device=None: 0,
+        "max_memory_allocated": lambda device=None: 0,
+        "memory_reserved": lambda device=None: 0,
+        "reset_peak_memory_stats": lambda device=None: None,
+    }
+    for name, value in patches.items():
+        setattr(cuda, name, value)
+    cuda.random.get_rng_state = get_rng_state
+    cuda.random.set_rng_state = set_rng_state
+
+
+# --- 3 and 4: CUDA devices become CPU --------------------------------------------------------
+
+
+def _cpu_if_cuda(device: Any) -> Any:
+    import torch
+
+    if isinstance(device, bool):
+        return device
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+def _make_mode() -> type:
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    tensor_to = torch.Tensor.to
+    tensor_cuda = torch.Tensor.cuda
+    tensor_type = torch.Tensor.type
+
+    class CudaToCpuMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func is tensor_cuda:
+                return args[0]
+            if func is tensor_type and len(args) == 1 and not kwargs:
+                name = func(*args)
+                return name.replace("torch.", "torch.cuda.", 1) if "cuda" not in name else name
+            if "device" in kwargs:
+                kwargs["device"] = _cpu_if_cuda(kwargs["device"])
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False
+            if func is tensor_to and len(args) > 1:
+                args = (args[0], _cpu_if_cuda(args[1]), *args[2:])
+            return func(*args, **kwargs)
+
+    return CudaToCpuMode
+
+
+def _CudaToCpuMode() -> Any:  # noqa: N802 - reads like the class it builds
+    return _make_mode()()
+
+
+# --- 5 and 6: megatron-core's MoE without Transformer Engine ---------------------------------
+
+
+def _patch_megatron() -> None:
+    import torch
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    def maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.detach().cpu().numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    # The RNG tracker warns when the CPU generator moves inside a CUDA RNG fork; here the two
+    # are the same generator, so the warning fires on every dropout-free layer init and says
+    # nothing. The fork still saves and restores the state correctly.
+    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage()
+    )

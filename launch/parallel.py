@@ -1,0 +1,159 @@
+"""Process groups and megatron-core parallel state for a recipe (NCCL on GPU, gloo on CPU).
+
+Under torchrun (the env vars RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT are set):
+
+    from qwen_pretrain.launch.parallel import init_parallel, build_model_chunks, destroy_parallel
+    init_parallel(recipe)                # torch.distributed + parallel_state + seeded RNG
+    chunks = build_model_chunks(recipe)  # list of GPTModel: one, or VPP chunks of this PP rank
+    ...
+    destroy_parallel()
+
+In one plain Python process (tests, the converters), a world of size 1:
+
+    from qwen_pretrain.launch.parallel import init_parallel_for_tests
+    init_parallel_for_tests(recipe)      # recipe's tp/pp/ep... must all be 1 here
+    # or with explicit sizes for a torchrun-started test: init_parallel(recipe) as above
+
+On a machine without CUDA both call `cpu_support.enable_cpu_support()` first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from typing import Any
+
+from qwen_pretrain.recipes.schema import Recipe
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
+    """torch.distributed from torchrun's environment (or a world of one); returns (rank, world)."""
+    import torch
+    import torch.distributed as dist
+    from qwen_pretrain.launch.cpu_support import enable_cpu_support
+
+    enable_cpu_support()
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            backend = "nccl"
+        else:
+            backend = "gloo"
+        dist.init_process_group(
+            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def init_parallel(recipe: Recipe, *, seed: int | None = None) -> None:
+    """Process groups, megatron-core parallel state and RNG for `recipe`'s layout.
+
+    The world size must be a multiple of TP x PP x CP (the rest is data parallel).
+    """
+    from megatron.core import parallel_state as ps
+    from qwen_pretrain.recipes.errors import UserError
+
+    _, world = init_distributed()
+    p = recipe.parallel
+    if world % (p.tp * p.pp * p.cp):
+        raise UserError(
+            f"world size {world} is not a multiple of TP x PP x CP = {p.tp} x {p.pp} x {p.cp}: "
+            "start as many processes as the recipe's --gpus (torchrun --nproc-per-node)"
+        )
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        context_parallel_size=p.cp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp,
+    )
+    seed_everything(recipe.training.seed if seed is None else seed)
+
+
+def seed_everything(seed: int) -> None:
+    """Megatron-LM's rule: a different seed per pipeline stage, the TP/EP streams from it."""
+    import numpy as np
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def init_parallel_for_tests(recipe: Recipe | None = None, *, seed: int = 1234) -> None:
+    """A world of one process (gloo on CPU) with megatron-core parallel state, for tests and tools.
+
+    Without a recipe every parallel size is 1. With one, its sizes must multiply to 1.
+    """
+    import dataclasses
+
+    from qwen_pretrain.recipes import get_recipe, override
+
+    recipe = recipe or override(get_recipe("qwen3_tiny"), tp=1, gpus=1)
+    p = recipe.parallel
+    if (p.tp, p.pp, p.cp, p.ep) != (1, 1, 1, 1):
+        raise ValueError(f"init_parallel_for_tests runs one process: got tp/pp/cp/ep {p}")
+    recipe = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, seed=seed))
+    init_parallel(recipe)
+
+
+def destroy_parallel() -> None:
+    """Undo `init_parallel` (parallel state and the default process group)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def build_model_chunks(recipe: Recipe, config: Any = None) -> list[Any]:
+    """The GPTModel chunk(s) of this rank: one per virtual pipeline stage (one without VPP)."""
+    from megatron.core import parallel_state as ps
+    from qwen_pretrain.launch.model import build_model, transformer_config
+
+    config = config or transformer_config(recipe)
+    vpp = recipe.parallel.vpp
+    if vpp is None:
+        return [
+            build_model(
+                recipe,
+                pre_process=ps.is_pipeline_first_stage(),
+                post_process=ps.is_pipeline_last_stage(),
+                config=config,
+            )
+        ]
+    chunks = []
+    for stage in range(vpp):
+        chunks.append(
+            build_model(
+                recipe,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                vp_stage=stage,
+                config=config,
+            )
+        )
+    return chunks
