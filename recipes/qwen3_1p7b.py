@@ -23,6 +23,6 @@ RECIPE = Recipe(
         max_position_embeddings=40960,
     ),
     gpus=8,
-    parallel=Parallelism(micro_batch_size=1),
+    parallel=Parallelism(micro_batch_size=1, recompute="selective"),
     training=Training(global_batch_size=128, seq_length=4096),
 )

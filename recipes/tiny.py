@@ -4,7 +4,7 @@ They use the real Qwen vocabulary so that the real tokenizer and preprocessed da
 unchanged; everything else is shrunk.
 """
 
-from qwen_pretrain.recipes.schema import Parallelism, Recipe, Training, ModelShape, Logging
+from qwen_pretrain.recipes.schema import Logging, ModelShape, Parallelism, Recipe, Training
 
 _TINY_TRAINING = Training(
     global_batch_size=8,
