@@ -1,0 +1,42 @@
+"""Repository-wide checks: layout, packaging, lint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ALLOWED_TOP_LEVEL = {
+    "recipes", "preprocessing", "launch", "conversion", "benchmarks", "tests", "Dockerfile",
+    "README.md", "pyproject.toml", ".ci", "docs", ".gitignore",
+}
+
+
+def _tracked(repo_root: Path) -> list[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=repo_root, capture_output=True, text=True)
+    return out.stdout.split() if out.returncode == 0 else []
+
+
+def test_top_level_layout(repo_root: Path) -> None:
+    tracked = _tracked(repo_root)
+    if not tracked:
+        return  # not a git checkout (e.g. an installed copy): nothing to check
+    top = {path.split("/")[0] for path in tracked}
+    assert top <= ALLOWED_TOP_LEVEL, f"unexpected top-level entries: {sorted(top - ALLOWED_TOP_LEVEL)}"
+
+
+def test_every_package_folder_is_packaged(repo_root: Path) -> None:
+    config = tomllib.loads((repo_root / "pyproject.toml").read_text())
+    packaged = set(config["tool"]["setuptools"]["packages"])
+    for init in repo_root.glob("*/**/__init__.py"):
+        rel = init.parent.relative_to(repo_root)
+        if rel.parts[0] in {"tests", ".venv", ".venv-nemo", "docs"} or rel.parts[0].startswith("."):
+            continue
+        assert "qwen_pretrain." + ".".join(rel.parts) in packaged, f"{rel} missing from pyproject packages"
+
+
+def test_ruff_clean(repo_root: Path) -> None:
+    ruff = Path(sys.executable).parent / "ruff"
+    done = subprocess.run([str(ruff), "check", "."], cwd=repo_root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
