@@ -88,7 +88,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     recipe = override(recipe, gpus=args.gpus, off_benchmark=args.off_benchmark)
     gpu = get_gpu(args.gpu)
     mem = args.gpu_mem_gb or gpu.memory_gb
-    found = suggest(recipe, args.gpus, mem, gpus_per_node=args.gpus_per_node, limit=args.top)
+    found = suggest(recipe, args.gpus, mem, gpu=gpu, gpus_per_node=args.gpus_per_node, limit=args.top)
     if args.json:
         json.dump(
             [
@@ -115,7 +115,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         return 0
-    print(f"{recipe.name} on {args.gpus} GPUs with {mem:g} GB each: least communication (x pipeline bubble) first")
+    print(f"{recipe.name} on {args.gpus} GPUs with {mem:g} GB each: least communication + pipeline-bubble time first")
     rows = [("TP", "PP", "VPP", "CP", "EP", "DP", "MBS", "accum", "mem GB", "headroom GB", "comm GB/step", "bubble")]
     for s in found:
         p = s.recipe.parallel

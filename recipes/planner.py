@@ -312,14 +312,35 @@ class Suggestion:
     bubble: float
 
 
-def suggest(recipe: Recipe, gpus: int, gpu_mem_gb: float, gpus_per_node: int = 8, limit: int = 10) -> list[Suggestion]:
+# Effective per-GPU bandwidth used to turn traffic into time when ranking layouts: between
+# NVLink (~450 GB/s) and InfiniBand (~50 GB/s per GPU); only the ranking depends on it.
+RANKING_BANDWIDTH_GB_S = 100.0
+RANKING_MFU = 0.5
+
+
+def ranking_cost_s(s: Suggestion, gpu: GpuSpec) -> float:
+    """Seconds a step loses to communication plus the pipeline bubble's idle compute."""
+    r = s.recipe
+    fpt = flops_per_token(r.model, r.training.seq_length, r.model.padded_vocab_size(r.parallel.tp))
+    compute_s = r.tokens_per_step / r.gpus * fpt / (gpu.peak_bf16_tflops * 1e12 * RANKING_MFU)
+    return s.communication_gb / RANKING_BANDWIDTH_GB_S + compute_s * s.bubble
+
+
+def suggest(
+    recipe: Recipe,
+    gpus: int,
+    gpu_mem_gb: float,
+    gpu: GpuSpec | None = None,
+    gpus_per_node: int = 8,
+    limit: int = 10,
+) -> list[Suggestion]:
     """Valid layouts on `gpus` GPUs that fit in `gpu_mem_gb`, least communication first.
 
     Searches TP (within a node), PP, VPP, CP, EP and micro batch; sequence parallelism is on
     whenever TP > 1; recompute, global batch, seq length and seed stay the recipe's. Layouts
     that leave under 5% of memory free are left out (the estimate is not that precise). Ranking:
-    communication volume inflated by the pipeline bubble (idle time costs like traffic), then
-    the larger memory headroom.
+    `ranking_cost_s` (communication volume at an assumed bandwidth plus the pipeline bubble's
+    idle compute), then the larger memory headroom.
     """
     m, t = recipe.model, recipe.training
     tps = [d for d in divisors(m.num_query_groups) if d <= gpus_per_node and m.num_attention_heads % d == 0]
@@ -347,5 +368,6 @@ def suggest(recipe: Recipe, gpus: int, gpu_mem_gb: float, gpus_per_node: int = 8
             found.append(Suggestion(
                 candidate, mem, headroom, communication_gb_per_step(candidate), pipeline_bubble(candidate)
             ))
-    found.sort(key=lambda s: (round(s.communication_gb * (1 + s.bubble), 1), -s.headroom_gb))
+    spec = gpu or GpuSpec("h100", 989.0, gpu_mem_gb)
+    found.sort(key=lambda s: (round(ranking_cost_s(s, spec), 2), -s.headroom_gb))
     return found[:limit]

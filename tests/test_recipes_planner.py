@@ -7,7 +7,14 @@ import dataclasses
 import pytest
 from qwen_pretrain.recipes import all_recipes, get_recipe, list_recipes, override, validate_layout
 from qwen_pretrain.recipes.hardware import GPUS
-from qwen_pretrain.recipes.planner import flops_per_token, memory_estimate, param_counts, plan, suggest
+from qwen_pretrain.recipes.planner import (
+    flops_per_token,
+    memory_estimate,
+    param_counts,
+    plan,
+    ranking_cost_s,
+    suggest,
+)
 
 # Published sizes (model cards): total and non-embedding parameters, in billions, with the
 # precision the model card gives them.
@@ -140,8 +147,11 @@ def test_suggest_returns_valid_fitting_layouts_ranked() -> None:
         assert validate_layout(s.recipe) == []
         assert s.memory_gb <= 80.0 * 0.95
         assert s.recipe.gpus == 16 and not s.recipe.off_benchmark
-    keys = [round(s.communication_gb * (1 + s.bubble), 1) for s in found]
+    keys = [round(ranking_cost_s(s, GPUS["h100"]), 2) for s in found]
     assert keys == sorted(keys)
+    # A 16-stage pipeline with 32 micro-batches idles ~47% of the time: it must not rank first.
+    moe = suggest(get_recipe("qwen3_30b_a3b"), 16, 80.0, gpu=GPUS["h100"])
+    assert moe and moe[0].bubble < 0.2
 
 
 def test_suggest_finds_nothing_when_memory_is_too_small() -> None:
