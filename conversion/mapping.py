@@ -1,0 +1,615 @@
+"""The one Hugging Face <-> megatron-core name and layout mapping for every Qwen family.
+
+One small declarative table per family (`DENSE_LAYER`, `QKV_BIAS_LAYER`, `MOE_LAYER`, ...) pairs
+megatron-core parameter names with Hugging Face names and names the typed transform between
+them; one engine (`mcore_state_dict_from_hf`, `hf_tensors_from_mcore`) applies a table tensor
+by tensor, so a converter never holds more than the tensors of the item it is working on.
+
+Usage (the model's shape always comes from the recipe):
+
+    from safetensors import safe_open
+    from qwen_pretrain.recipes import get_recipe
+    from qwen_pretrain.conversion.mapping import (
+        McoreLayout, mcore_state_dict_from_hf, hf_tensors_from_mcore)
+
+    shape = get_recipe("qwen3_tiny").model
+    with safe_open("hf/model.safetensors", "pt") as f:       # lazy: one tensor at a time
+        sd = mcore_state_dict_from_hf(shape, f.get_tensor, tp=2, tp_rank=1)
+    model.load_state_dict(sd)           # keys == GPTModel.state_dict() of that rank (chunk)
+
+    # The inverse: per-rank state dicts (or a lazy reader of them) -> HF tensors, streamed.
+    layout = McoreLayout(tp=2)
+    shards = {rank: sd_of(rank) for rank in layout.ranks()}           # RankCoord -> state dict
+    for hf_name, tensor in hf_tensors_from_mcore(shape, lambda r, n: shards[r][n], layout):
+        ...
+
+Layouts covered: TP (column/row splits, fused QKV interleaved per query group, gated fc1 split
+so every shard holds [gate_i; up_i]), PP and virtual PP (layer offsets; tied embeddings put a
+copy of the embedding in the last stage's `output_layer` as megatron-core expects), EP (global
+expert E -> local index e on EP rank E // (experts / ep)), vocab padding to
+`shape.padded_vocab_size(tp)` (padded rows zero; stripped on the way out), the local layer
+spec (`input_layernorm`, `pre_mlp_layernorm`) and the Transformer Engine spec (norms fused into
+`linear_qkv.layer_norm_weight` / `linear_fc1.layer_norm_weight`), and three expert layouts:
+`sequential` (SequentialMLP, `experts.local_experts.e.linear_fc1.weight`), `te_grouped`
+(TEGroupedMLP, `experts.linear_fc1.weight{e}`) and `legacy_grouped` (GroupedMLP,
+`experts.weight1` = per-expert fc1^T stacked as [hidden, e * 2F], `experts.weight2` =
+per-expert fc2^T stacked as [e * F, hidden]).
+
+`_extra_state` entries (None) are emitted where megatron-core 0.16.1's modules have them, so that
+`load_state_dict(strict=True)` accepts the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.recipes.schema import ModelShape
+
+LayerSpec = Literal["local", "te"]
+ExpertLayout = Literal["sequential", "te_grouped", "legacy_grouped"]
+
+# Transform kinds, named by what they do to the HF tensor(s) on the way in.
+REPLICATED = "replicated"  # same tensor on every TP rank (norms, router)
+COLUMN = "column"  # split dim 0 over TP
+ROW = "row"  # split dim 1 over TP
+QKV = "qkv"  # [q; k; v] interleaved per query group, then split dim 0 over TP (weights and biases)
+GATED = "gated"  # [gate_i; up_i] per TP rank
+VOCAB = "vocab"  # padded to padded_vocab_size(tp) with zero rows, then split dim 0
+GROUPED_FC1 = "grouped_fc1"  # legacy GroupedMLP weight1 from the local experts' gate/up
+GROUPED_FC2 = "grouped_fc2"  # legacy GroupedMLP weight2 from the local experts' down
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One megatron-core parameter and the Hugging Face tensor(s) it is made of.
+
+    Patterns use `{layer}` (global HF layer / local megatron layer) and `{expert}` (global HF
+    expert / local megatron expert); `extra_state` names the module whose `_extra_state`
+    megatron-core stores next to the parameter (None if it has none).
+    """
+
+    mcore: str
+    hf: tuple[str, ...]
+    kind: str
+    extra_state: str | None = None
+    expert_tp: bool = False  # split over expert TP (etp) instead of TP
+
+
+# ---------------------------------------------------------------- the tables (local spec names)
+
+EMBEDDING = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB)
+FINAL_NORM = Rule("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED)
+OUTPUT_LAYER = Rule("output_layer.weight", ("lm_head.weight",), VOCAB, extra_state="output_layer")
+# Tied embeddings under PP: the last stage's output_layer is a copy of the embedding.
+TIED_OUTPUT_LAYER = Rule("output_layer.weight", ("model.embed_tokens.weight",), VOCAB, extra_state="output_layer")
+
+_ATTENTION = (
+    Rule("input_layernorm.weight", ("input_layernorm.weight",), REPLICATED),
+    Rule(
+        "self_attention.linear_qkv.weight",
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        QKV,
+        extra_state="self_attention.linear_qkv",
+    ),
+    Rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), ROW, extra_state="self_attention.linear_proj"),
+    Rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), REPLICATED),
+)
+_QK_NORM = (
+    Rule("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), REPLICATED),
+    Rule("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), REPLICATED),
+)
+_QKV_BIAS = (
+    Rule(
+        "self_attention.linear_qkv.bias",
+        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+        QKV,
+    ),
+)
+_DENSE_MLP = (
+    Rule("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), GATED, extra_state="mlp.linear_fc1"),
+    Rule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), ROW, extra_state="mlp.linear_fc2"),
+)
+_ROUTER = (Rule("mlp.router.weight", ("mlp.gate.weight",), REPLICATED),)
+_EXPERTS = {
+    "sequential": (
+        Rule(
+            "mlp.experts.local_experts.{expert}.linear_fc1.weight",
+            ("mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"),
+            GATED,
+            extra_state="mlp.experts.local_experts.{expert}.linear_fc1",
+            expert_tp=True,
+        ),
+        Rule(
+            "mlp.experts.local_experts.{expert}.linear_fc2.weight",
+            ("mlp.experts.{expert}.down_proj.weight",),
+            ROW,
+            extra_state="mlp.experts.local_experts.{expert}.linear_fc2",
+            expert_tp=True,
+        ),
+    ),
+    "te_grouped": (
+        Rule(
+            "mlp.experts.linear_fc1.weight{expert}",
+            ("mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"),
+            GATED,
+            extra_state="mlp.experts.linear_fc1",
+            expert_tp=True,
+        ),
+        Rule(
+            "mlp.experts.linear_fc2.weight{expert}",
+            ("mlp.experts.{expert}.down_proj.weight",),
+            ROW,
+            extra_state="mlp.experts.linear_fc2",
+            expert_tp=True,
+        ),
+    ),
+    # One tensor holds every local expert: the HF patterns are expanded over local experts.
+    "legacy_grouped": (
+        Rule(
+            "mlp.experts.weight1",
+            ("mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"),
+            GROUPED_FC1,
+            expert_tp=True,
+        ),
+        Rule("mlp.experts.weight2", ("mlp.experts.{expert}.down_proj.weight",), GROUPED_FC2, expert_tp=True),
+    ),
+}
+
+# The three families: Qwen3 dense, Qwen2/2.5 (qkv bias, no qk-norm), Qwen3-MoE.
+FAMILY_LAYER_RULES: dict[str, tuple[Rule, ...]] = {
+    "qwen3": _ATTENTION + _QK_NORM + _DENSE_MLP,
+    "qwen2": _ATTENTION + _QKV_BIAS + _DENSE_MLP,
+    "qwen3_moe": _ATTENTION + _QK_NORM + _ROUTER,  # + _EXPERTS[expert_layout]
+}
+
+# Transformer Engine spec: the norms in front of linear_qkv / linear_fc1 are fused into them.
+# (MoE layers keep pre_mlp_layernorm: the experts' fc1 cannot fuse a norm.)
+TE_RENAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+# TE modules that keep an `_extra_state` without a parameter of their own in the table.
+TE_EXTRA_STATE_MODULES = ("self_attention.core_attention",)
+
+HF_LAYER_PREFIX = "model.layers.{layer}."
+MCORE_LAYER_PREFIX = "decoder.layers.{layer}."
+
+
+# ---------------------------------------------------------------- layout: who holds what
+
+
+@dataclass(frozen=True, order=True)
+class RankCoord:
+    """One model-parallel rank (and virtual-pipeline chunk) of a megatron-core layout."""
+
+    tp_rank: int = 0
+    pp_rank: int = 0
+    ep_rank: int = 0
+    vpp_rank: int = 0
+
+
+@dataclass(frozen=True)
+class McoreLayout:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    vpp: int | None = None
+    etp: int = 1
+    layer_spec: LayerSpec = "local"
+    expert_layout: ExpertLayout = "sequential"
+
+    @property
+    def chunks(self) -> int:
+        return self.vpp or 1
+
+    def ranks(self) -> list[RankCoord]:
+        return [
+            RankCoord(t, p, e, v)
+            for p in range(self.pp)
+            for v in range(self.chunks)
+            for t in range(self.tp)
+            for e in range(self.ep)
+        ]
+
+    def etp_rank(self, tp_rank: int) -> int:
+        return tp_rank if self.etp == self.tp else 0
+
+    def layers_per_chunk(self, shape: ModelShape) -> int:
+        return shape.num_layers // (self.pp * self.chunks)
+
+    def chunk_layers(self, shape: ModelShape, pp_rank: int, vpp_rank: int = 0) -> range:
+        """Global layer indices of one pipeline chunk (megatron-core's default even split)."""
+        n = self.layers_per_chunk(shape)
+        start = (vpp_rank * self.pp + pp_rank) * n
+        return range(start, start + n)
+
+    def stage_of_layer(self, shape: ModelShape, layer: int) -> tuple[int, int, int]:
+        """(pp_rank, vpp_rank, local layer index) holding global layer `layer`."""
+        n = self.layers_per_chunk(shape)
+        chunk, local = divmod(layer, n)
+        vpp_rank, pp_rank = divmod(chunk, self.pp)
+        return pp_rank, vpp_rank, local
+
+    def is_first_chunk(self, pp_rank: int, vpp_rank: int) -> bool:
+        return pp_rank == 0 and vpp_rank == 0
+
+    def is_last_chunk(self, pp_rank: int, vpp_rank: int) -> bool:
+        return pp_rank == self.pp - 1 and vpp_rank == self.chunks - 1
+
+    def local_experts(self, shape: ModelShape) -> int:
+        return (shape.num_experts or 0) // self.ep
+
+    def validate(self, shape: ModelShape) -> None:
+        """One-line UserErrors naming the option that does not fit the model."""
+        if shape.num_attention_heads % self.tp or shape.num_query_groups % self.tp:
+            raise UserError(
+                f"--tp {self.tp} must divide num_attention_heads ({shape.num_attention_heads}) and "
+                f"num_query_groups ({shape.num_query_groups}): choose a divisor of {shape.num_query_groups}"
+            )
+        if shape.ffn_hidden_size % self.tp and not shape.is_moe:
+            raise UserError(f"--tp {self.tp} must divide ffn_hidden_size ({shape.ffn_hidden_size})")
+        if shape.num_layers % (self.pp * self.chunks):
+            raise UserError(
+                f"--pp {self.pp} x --vpp {self.chunks} must divide num_layers ({shape.num_layers})"
+            )
+        if self.vpp is not None and self.pp < 2:
+            raise UserError("--vpp needs --pp of at least 2")
+        if self.ep > 1 and not shape.is_moe:
+            raise UserError(f"--ep {self.ep} needs a mixture-of-experts model; this one is dense")
+        if shape.is_moe:
+            if shape.num_experts % self.ep:
+                raise UserError(f"--ep {self.ep} must divide the number of experts ({shape.num_experts})")
+            if self.etp not in (1, self.tp):
+                raise UserError(f"--etp {self.etp} must be 1 or equal to --tp ({self.tp})")
+            if shape.moe_ffn_hidden_size % self.etp:
+                raise UserError(f"--etp {self.etp} must divide moe_ffn_hidden_size ({shape.moe_ffn_hidden_size})")
+        if self.layer_spec not in ("local", "te"):
+            raise UserError(f"layer spec '{self.layer_spec}' is unknown: choose local or te")
+        if self.expert_layout not in _EXPERTS:
+            raise UserError(f"expert layout '{self.expert_layout}' is unknown: choose one of {', '.join(_EXPERTS)}")
+
+
+# ---------------------------------------------------------------- items: the plan, in HF order
+
+
+@dataclass(frozen=True)
+class Item:
+    """One rule applied at one place: a global layer (or None) and a global expert (or None)."""
+
+    rule: Rule
+    layer: int | None = None
+    expert: int | None = None
+    ep_rank: int | None = None  # legacy_grouped: the EP rank whose local experts the tensor holds
+    hf_names: tuple[str, ...] = field(default=())
+
+
+def layer_rules(shape: ModelShape, layout: McoreLayout) -> tuple[Rule, ...]:
+    rules = FAMILY_LAYER_RULES[shape.family]
+    if shape.is_moe:
+        rules = rules + _EXPERTS[layout.expert_layout]
+    return rules
+
+
+def _hf_names(rule: Rule, layer: int | None, experts: list[int] | None) -> tuple[str, ...]:
+    names = []
+    for e in experts if experts is not None else [None]:
+        for pattern in rule.hf:
+            name = pattern.format(expert=e) if e is not None else pattern
+            names.append((HF_LAYER_PREFIX.format(layer=layer) + name) if layer is not None else name)
+    return tuple(names)
+
+
+def plan(shape: ModelShape, layout: McoreLayout) -> list[Item]:
+    """Every conversion item of the model, in HF order (embedding, layers, norm, lm_head)."""
+    items = [Item(EMBEDDING, hf_names=EMBEDDING.hf)]
+    n_local = layout.local_experts(shape)
+    for layer in range(shape.num_layers):
+        for rule in layer_rules(shape, layout):
+            if rule.kind in (GROUPED_FC1, GROUPED_FC2):
+                for ep_rank in range(layout.ep):
+                    experts = list(range(ep_rank * n_local, (ep_rank + 1) * n_local))
+                    items.append(Item(rule, layer, None, ep_rank, _hf_names(rule, layer, experts)))
+            elif "{expert}" in rule.mcore:
+                for expert in range(shape.num_experts):
+                    items.append(Item(rule, layer, expert, hf_names=_hf_names(rule, layer, [expert])))
+            else:
+                items.append(Item(rule, layer, hf_names=_hf_names(rule, layer, None)))
+    items.append(Item(FINAL_NORM, hf_names=FINAL_NORM.hf))
+    if not shape.tie_embeddings:
+        items.append(Item(OUTPUT_LAYER, hf_names=OUTPUT_LAYER.hf))
+    elif layout.pp > 1:
+        items.append(Item(TIED_OUTPUT_LAYER, hf_names=()))  # a copy; nothing of its own in HF
+    return items
+
+
+def expected_hf_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face checkpoint of this shape holds, with its shape."""
+    h, d, f = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
+    q, kv = shape.num_attention_heads * d, shape.num_query_groups * d
+    layer = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+    }
+    if shape.qk_norm:
+        layer |= {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
+    if shape.qkv_bias:
+        layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+    if shape.is_moe:
+        mf = shape.moe_ffn_hidden_size
+        layer["mlp.gate.weight"] = (shape.num_experts, h)
+        for e in range(shape.num_experts):
+            layer |= {
+                f"mlp.experts.{e}.gate_proj.weight": (mf, h),
+                f"mlp.experts.{e}.up_proj.weight": (mf, h),
+                f"mlp.experts.{e}.down_proj.weight": (h, mf),
+            }
+    else:
+        layer |= {"mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)}
+    shapes = {"model.embed_tokens.weight": (shape.vocab_size, h)}
+    for i in range(shape.num_layers):
+        shapes |= {HF_LAYER_PREFIX.format(layer=i) + k: v for k, v in layer.items()}
+    shapes["model.norm.weight"] = (h,)
+    if not shape.tie_embeddings:
+        shapes["lm_head.weight"] = (shape.vocab_size, h)
+    return shapes
+
+
+# ---------------------------------------------------------------- transforms (HF -> one shard)
+
+
+def _split(t: torch.Tensor, dim: int, parts: int, rank: int) -> torch.Tensor:
+    return torch.chunk(t, parts, dim=dim)[rank].clone() if parts > 1 else t
+
+
+def interleave_qkv(shape: ModelShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[q; k; v] -> per query group [q heads of the group, k, v] (weights or biases)."""
+    g, d = shape.num_query_groups, shape.head_dim
+    per = shape.num_attention_heads // g
+    rest = q.shape[1:]
+    qg = q.reshape(g, per * d, *rest)
+    kg = k.reshape(g, d, *rest)
+    vg = v.reshape(g, d, *rest)
+    return torch.cat([qg, kg, vg], dim=1).reshape(g * (per + 2) * d, *rest)
+
+
+def deinterleave_qkv(shape: ModelShape, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g, d = shape.num_query_groups, shape.head_dim
+    per = shape.num_attention_heads // g
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(g, (per + 2) * d, *rest)
+    q, k, v = torch.split(grouped, [per * d, d, d], dim=1)
+    return (
+        q.reshape(g * per * d, *rest).contiguous(),
+        k.reshape(g * d, *rest).contiguous(),
+        v.reshape(g * d, *rest).contiguous(),
+    )
+
+
+def pad_vocab(t: torch.Tensor, padded_rows: int) -> torch.Tensor:
+    if t.shape[0] == padded_rows:
+        return t
+    out = torch.zeros((padded_rows, *t.shape[1:]), dtype=t.dtype)
+    out[: t.shape[0]] = t
+    return out
+
+
+def _shard(
+    shape: ModelShape, rule: Rule, hf: list[torch.Tensor], parts: int, rank: int, padded_vocab: int
+) -> torch.Tensor:
+    kind = rule.kind
+    if kind == REPLICATED:
+        return hf[0]
+    if kind == COLUMN:
+        return _split(hf[0], 0, parts, rank)
+    if kind == ROW:
+        return _split(hf[0], 1, parts, rank)
+    if kind == VOCAB:
+        return _split(pad_vocab(hf[0], padded_vocab), 0, parts, rank)
+    if kind == QKV:
+        return _split(interleave_qkv(shape, *hf), 0, parts, rank)
+    if kind == GATED:
+        return torch.cat([_split(hf[0], 0, parts, rank), _split(hf[1], 0, parts, rank)], dim=0)
+    if kind == GROUPED_FC1:  # pairs (gate_e, up_e) per local expert -> [hidden, e * 2F/etp]
+        fc1 = [torch.cat([_split(g, 0, parts, rank), _split(u, 0, parts, rank)]) for g, u in zip(hf[0::2], hf[1::2])]
+        return torch.stack([w.t() for w in fc1]).reshape(shape.hidden_size, -1)
+    if kind == GROUPED_FC2:  # down_e per local expert -> [e * F/etp, hidden]
+        return torch.stack([_split(w, 1, parts, rank).t() for w in hf]).reshape(-1, shape.hidden_size)
+    raise ValueError(f"unknown transform kind {kind}")
+
+
+# ---------------------------------------------------------------- the engine: HF -> one rank
+
+
+def _mcore_name(rule: Rule, layout: McoreLayout, local_layer: int | None, local_expert: int | None, moe: bool) -> str:
+    name = rule.mcore
+    if layout.layer_spec == "te" and name in TE_RENAMES and not (moe and name == "pre_mlp_layernorm.weight"):
+        name = TE_RENAMES[name]
+    if local_expert is not None:
+        name = name.replace("{expert}", str(local_expert))
+    return (MCORE_LAYER_PREFIX.format(layer=local_layer) + name) if local_layer is not None else name
+
+
+def _extra_state_name(rule: Rule, local_layer: int | None, local_expert: int | None) -> str | None:
+    if rule.extra_state is None:
+        return None
+    name = rule.extra_state.replace("{expert}", str(local_expert)) + "._extra_state"
+    return (MCORE_LAYER_PREFIX.format(layer=local_layer) + name) if local_layer is not None else name
+
+
+def _on_rank(shape: ModelShape, layout: McoreLayout, item: Item, rank: RankCoord) -> tuple[int | None, int | None] | None:
+    """(local layer, local expert) of `item` on `rank`, or None when the rank does not hold it."""
+    rule = item.rule
+    if item.layer is None:
+        if rule is EMBEDDING:
+            ok = layout.is_first_chunk(rank.pp_rank, rank.vpp_rank)
+        else:
+            ok = layout.is_last_chunk(rank.pp_rank, rank.vpp_rank)
+        return (None, None) if ok else None
+    pp_rank, vpp_rank, local = layout.stage_of_layer(shape, item.layer)
+    if (pp_rank, vpp_rank) != (rank.pp_rank, rank.vpp_rank):
+        return None
+    if item.ep_rank is not None:
+        return (local, None) if item.ep_rank == rank.ep_rank else None
+    if item.expert is not None:
+        n_local = layout.local_experts(shape)
+        ep_rank, local_expert = divmod(item.expert, n_local)
+        return (local, local_expert) if ep_rank == rank.ep_rank else None
+    return local, None
+
+
+def _parts_and_rank(layout: McoreLayout, rule: Rule, rank: RankCoord) -> tuple[int, int]:
+    if rule.expert_tp:
+        return layout.etp, layout.etp_rank(rank.tp_rank)
+    return layout.tp, rank.tp_rank
+
+
+def check_hf_tensor(shape: ModelShape, name: str, tensor: torch.Tensor, expected: dict[str, tuple[int, ...]]) -> None:
+    want = expected.get(name)
+    if want is not None and tuple(tensor.shape) != want:
+        raise UserError(
+            f"tensor '{name}' has shape {tuple(tensor.shape)} but the recipe's model shape needs {want}: "
+            "pick the recipe of this checkpoint with --recipe"
+        )
+
+
+def mcore_state_dict_from_hf(
+    shape: ModelShape,
+    get_hf_tensor: Callable[[str], torch.Tensor],
+    *,
+    tp: int = 1,
+    tp_rank: int = 0,
+    pp: int = 1,
+    pp_rank: int = 0,
+    ep: int = 1,
+    ep_rank: int = 0,
+    vpp: int | None = None,
+    vpp_rank: int = 0,
+    etp: int = 1,
+    layer_spec: LayerSpec = "local",
+    expert_layout: ExpertLayout = "sequential",
+) -> dict[str, torch.Tensor | None]:
+    """The state dict of one rank's model (chunk), keys as `GPTModel.state_dict()`.
+
+    `get_hf_tensor(name)` is called once per HF tensor the rank needs (a safetensors `safe_open`
+    handle's `get_tensor` keeps memory at one tensor plus the rank's shards). dtypes are kept.
+    """
+    layout = McoreLayout(tp, pp, ep, vpp, etp, layer_spec, expert_layout)
+    layout.validate(shape)
+    rank = RankCoord(tp_rank, pp_rank, ep_rank, vpp_rank)
+    return dict(iter_rank_tensors(shape, layout, rank, get_hf_tensor))
+
+
+def iter_rank_tensors(
+    shape: ModelShape,
+    layout: McoreLayout,
+    rank: RankCoord,
+    get_hf_tensor: Callable[[str], torch.Tensor],
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(megatron name, shard) of one rank, tensor by tensor, with `_extra_state` Nones."""
+    expected = expected_hf_shapes(shape)
+    padded = shape.padded_vocab_size(layout.tp)
+    for item in plan(shape, layout):
+        where = _on_rank(shape, layout, item, rank)
+        if where is None:
+            continue
+        local_layer, local_expert = where
+        hf_names = item.hf_names or item.rule.hf
+        tensors = []
+        for name in hf_names:
+            t = get_hf_tensor(name)
+            check_hf_tensor(shape, name, t, expected)
+            tensors.append(t)
+        parts, part = _parts_and_rank(layout, item.rule, rank)
+        shard = _shard(shape, item.rule, tensors, parts, part, padded)
+        yield _mcore_name(item.rule, layout, local_layer, local_expert, shape.is_moe), shard.contiguous()
+        extra = _extra_state_name(item.rule, local_layer, local_expert)
+        if extra is not None:
+            yield extra, None
+        if layout.layer_spec == "te" and item.layer is not None and item.rule is _ATTENTION[1]:
+            for module in TE_EXTRA_STATE_MODULES:
+                yield MCORE_LAYER_PREFIX.format(layer=local_layer) + module + "._extra_state", None
+    if shape.tie_embeddings and layout.pp == 1:
+        # megatron-core keeps an output_layer module without weight when embeddings are tied.
+        yield "output_layer._extra_state", None
+
+
+def mcore_names(shape: ModelShape, layout: McoreLayout, rank: RankCoord) -> list[str]:
+    """Parameter names (no `_extra_state`) a rank holds, without touching any tensor."""
+    names = []
+    for item in plan(shape, layout):
+        where = _on_rank(shape, layout, item, rank)
+        if where is not None:
+            names.append(_mcore_name(item.rule, layout, where[0], where[1], shape.is_moe))
+    return names
+
+
+# ---------------------------------------------------------------- the inverse: ranks -> HF
+
+
+def _merge(
+    shape: ModelShape, rule: Rule, shards: list[torch.Tensor], n_hf: int
+) -> list[torch.Tensor]:
+    """Shards (over TP or expert TP, in rank order) -> the HF tensor(s) of the rule."""
+    kind = rule.kind
+    if kind == REPLICATED:
+        return [shards[0]]
+    if kind == COLUMN:
+        return [torch.cat(shards, 0)]
+    if kind == ROW:
+        return [torch.cat(shards, 1)]
+    if kind == VOCAB:
+        return [torch.cat(shards, 0)[: shape.vocab_size].contiguous()]
+    if kind == QKV:
+        return list(deinterleave_qkv(shape, torch.cat(shards, 0)))
+    if kind == GATED:
+        halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+    if kind == GROUPED_FC1:
+        n_experts = n_hf // 2
+        # weight1's memory is [e, hidden, 2F/etp] (GroupedMLP views it so): undo that view
+        per_rank = [s.reshape(n_experts, shape.hidden_size, -1).transpose(1, 2) for s in shards]
+        out = []
+        for e in range(n_experts):
+            halves = [torch.chunk(r[e], 2, dim=0) for r in per_rank]
+            out += [torch.cat([h[0] for h in halves]).contiguous(), torch.cat([h[1] for h in halves]).contiguous()]
+        return out
+    if kind == GROUPED_FC2:
+        per_rank = [s.reshape(n_hf, -1, shape.hidden_size) for s in shards]  # [e, F/etp, h]
+        return [torch.cat([r[e].t() for r in per_rank], dim=1).contiguous() for e in range(n_hf)]
+    raise ValueError(f"unknown transform kind {kind}")
+
+
+def hf_tensors_from_mcore(
+    shape: ModelShape,
+    get_mcore_tensor: Callable[[RankCoord, str], torch.Tensor],
+    layout: McoreLayout,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Gather every HF tensor from the ranks' shards, in HF order, one item at a time.
+
+    `get_mcore_tensor(rank, name)` returns the tensor `name` of that rank's state dict.
+    Tied embeddings: the last stage's output_layer copy is not read (HF keeps one embedding).
+    """
+    layout.validate(shape)
+    for item in plan(shape, layout):
+        if not item.hf_names:
+            continue
+        parts = layout.etp if item.rule.expert_tp else layout.tp
+        holders = [r for r in layout.ranks() if _on_rank(shape, layout, item, r) is not None]
+        # one holder per (expert) TP rank: the same shard is replicated over the other dims
+        by_part: dict[int, RankCoord] = {}
+        for r in holders:
+            by_part.setdefault(_parts_and_rank(layout, item.rule, r)[1], r)
+        shards = []
+        for part in range(parts):
+            r = by_part[part]
+            local_layer, local_expert = _on_rank(shape, layout, item, r)
+            shards.append(get_mcore_tensor(r, _mcore_name(item.rule, layout, local_layer, local_expert, shape.is_moe)))
+        yield from zip(item.hf_names, _merge(shape, item.rule, shards, len(item.hf_names)), strict=True)
