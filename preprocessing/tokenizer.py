@@ -85,10 +85,14 @@ class Tokenizer:
         flat, lengths = self.encode_batch([text])
         return flat.tolist()
 
-    def encode_batch(self, texts: list[str] | list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """Ids of all texts concatenated (int32) and each text's length (int64), no EOD added."""
+    def encode_batch(self, texts: list[str] | list[bytes], parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of all texts concatenated (int32) and each text's length (int64), no EOD added.
+
+        `parallel` (gigatoken only): None lets gigatoken use its thread pool except inside a
+        worker process; False keeps the work on the calling thread.
+        """
         if self.backend == "gigatoken":
-            layout = self._impl.encode_batch(list(texts)).layout
+            layout = self._impl.encode_batch(list(texts), parallel=parallel).layout
             offsets = np.asarray(layout.offsets)
             content = np.asarray(layout.content.data)[offsets[0]: offsets[-1]]
             return content.astype(np.int32), np.diff(offsets).astype(np.int64)
@@ -105,13 +109,16 @@ class Tokenizer:
         return self._impl.decode(ids, skip_special_tokens=False)
 
 
+@functools.lru_cache(maxsize=4)
 def _load_hf(path: Path) -> Any:
     import tokenizers
 
     return tokenizers.Tokenizer.from_file(str(path))
 
 
+@functools.lru_cache(maxsize=4)
 def _load_gigatoken(path: Path) -> Any:
+    # cached: loading takes about a second, and both backends are safe to share
     import gigatoken
 
     return gigatoken.Tokenizer(path)
