@@ -40,3 +40,19 @@ def test_ruff_clean(repo_root: Path) -> None:
     ruff = Path(sys.executable).parent / "ruff"
     done = subprocess.run([str(ruff), "check", "."], cwd=repo_root, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_runs_from_a_checkout_without_installing(repo_root: Path, tmp_path: Path) -> None:
+    """Inside the NGC image a checkout named `qwen_pretrain` on PYTHONPATH is enough.
+
+    `python -S` leaves site-packages (and with it our editable install) out, so this proves
+    the package imports from the checkout alone.
+    """
+    (tmp_path / "qwen_pretrain").symlink_to(repo_root, target_is_directory=True)
+    done = subprocess.run(
+        [sys.executable, "-S", "-m", "qwen_pretrain.launch.cli", "recipes", "show", "qwen25_72b"],
+        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "TP=8 PP=4 VPP=5" in done.stdout
