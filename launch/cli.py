@@ -17,6 +17,7 @@ from qwen_pretrain.recipes.errors import UserError
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "qwen_pretrain.recipes.cli",
     "qwen_pretrain.preprocessing.cli",
+    "qwen_pretrain.preprocessing.tokenizer_cli",
 )
 
 
