@@ -1,0 +1,406 @@
+"""Streaming parsers for training logs: one parse function per log format.
+
+A training log is read in binary blocks and split into lines, so memory stays flat however big
+the log is, and non-UTF-8 bytes never stop the parser (numbers and keys are ASCII; text is only
+decoded, with errors="replace", for messages). Every line is handled the same way:
+
+  1. `\\r` (progress bars) counts as a line break; ANSI colour codes are removed;
+  2. a line is cut into records at each `iteration N/M` (two records glued on one line);
+  3. each record is parsed BY KEY (`key: value` after a `|`), never by position, so fields may
+     come in any order or be missing; values may use scientific notation (`6.706e+03`,
+     `global_step: 3.1e+4`) or K/M/B/T suffixes (`12.9K`, nanotron's human format);
+  4. anything before the record start (`[rank3]:`, `[default0]:`, timestamps) is ignored.
+
+Formats (see REFERENCE.md section 4):
+  nemo       NeMo 2: `Training epoch 0, iteration 528/999 | lr: ... | global_step: 528 | ...`
+  ours       our trainer: the NeMo 2 line, recognised by OURS_LOG_MARKER printed before it
+  megatron   Megatron-LM: ` [date] iteration  528/  999 | consumed samples: ... | lm loss: ...`
+  bridge     Megatron-Bridge: the Megatron-LM line; recognised by `megatron.bridge` in the log
+  mindspeed  MindSpeed-LLM / ModelLink: the Megatron-LM line, often with `gloabl batch size`
+  nanotron   nanotron: `iteration: 528 / 999 | ... | tokens_per_sec_per_gpu: 6.71K | lm_loss: 3.06`
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMATS: tuple[str, ...] = ("nemo", "megatron", "bridge", "mindspeed", "nanotron", "ours")
+
+# Our trainer prints the NeMo 2 step line; it also prints a line containing this marker before
+# its first step, which is how `--format auto` tells its logs from NeMo's.
+OURS_LOG_MARKER = "qwen-pretrain-trainer"
+
+BLOCK_BYTES = 1 << 22  # read size; lines are split out of each block
+MAX_LINE_BYTES = 1 << 20  # a "line" longer than this is not a step line (binary data): dropped
+
+# Start of a step record in all three line families: `iteration 528/999` (NeMo),
+# `iteration      528/     999` (Megatron-LM), `iteration: 528 / 999` (nanotron).
+RECORD_START = re.compile(rb"iteration(:?)[ \t]*(\d+)[ \t]*/[ \t]*(\d+)")
+ANSI_ESCAPE = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# A number as the logs print it: 3.06, 6.706e+03, 1.754000E-04, 3.1e+4, 12.9K, nan, -inf.
+NUMBER = rb"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?[KMBGT]?(?![\w.])|(?i:[-+]?nan|[-+]?inf)"
+SUFFIX_SCALE = {ord("K"): 1e3, ord("M"): 1e6, ord("B"): 1e9, ord("G"): 1e9, ord("T"): 1e12}
+# Megatron-LM's argument dump at start-up (`  seq_length ..... 4096`): used, when the user does not
+# pass them, to derive tokens/s for logs that do not print it.
+ARG_DUMP = re.compile(rb"^\s*(seq_length|world_size|global_batch_size)\s+\.{3,}\s+(\d+)\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One training step as a log printed it; None where the line had no such field."""
+
+    step: int
+    line_no: int
+    loss: float | None = None
+    step_time_s: float | None = None
+    tokens_per_sec_per_gpu: float | None = None
+    tflops_per_gpu: float | None = None
+    global_batch_size: int | None = None
+    seq_length: int | None = None
+    lr: float | None = None
+    val_loss: float | None = None
+
+
+# StepRecord's value fields, in order: the internal records are lists in this order.
+VALUE_FIELDS: tuple[str, ...] = (
+    "loss", "step_time_s", "tokens_per_sec_per_gpu", "tflops_per_gpu",
+    "global_batch_size", "seq_length", "lr", "val_loss",
+)
+STEP_COLUMN = -1
+INT_FIELDS = frozenset({"global_batch_size", "seq_length"})
+
+
+@dataclass(frozen=True)
+class LineFamily:
+    """How one family of step lines names its fields: log key -> (StepRecord field, scale)."""
+
+    name: str
+    keys: dict[str, tuple[str, float]]
+    # b"key" -> (column in VALUE_FIELDS or STEP_COLUMN, scale), for the hot loop.
+    columns: dict[bytes, tuple[int, float]] = field(init=False, repr=False, compare=False)
+    # `| key: value` for this family's keys only: a key counts only right after a `|`, so
+    # `lm loss` never matches inside another field's name. One C-level findall per record.
+    pattern: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        columns = {
+            key.encode(): (STEP_COLUMN if name == "step" else VALUE_FIELDS.index(name), scale)
+            for key, (name, scale) in self.keys.items()
+        }
+        alternation = b"|".join(re.escape(k) for k in sorted(columns, key=len, reverse=True))
+        pattern = re.compile(rb"\|[ \t]*(" + alternation + rb")[ \t]*:([^|]*)")
+        object.__setattr__(self, "columns", columns)
+        object.__setattr__(self, "pattern", pattern)
+
+
+NEMO_FAMILY = LineFamily(
+    "nemo",
+    {
+        "global_step": ("step", 1.0),
+        "reduced_train_loss": ("loss", 1.0),
+        "train_step_timing in s": ("step_time_s", 1.0),
+        "tokens_per_sec_per_gpu": ("tokens_per_sec_per_gpu", 1.0),
+        "global_batch_size": ("global_batch_size", 1.0),
+        "lr": ("lr", 1.0),
+        "val_loss": ("val_loss", 1.0),
+    },
+)
+MEGATRON_FAMILY = LineFamily(
+    "megatron",
+    {
+        "elapsed time per iteration (ms)": ("step_time_s", 1e-3),
+        "throughput per GPU (TFLOP/s/GPU)": ("tflops_per_gpu", 1.0),
+        "learning rate": ("lr", 1.0),
+        "global batch size": ("global_batch_size", 1.0),
+        "gloabl batch size": ("global_batch_size", 1.0),  # MindSpeed/ModelLink's old misspelling
+        "lm loss": ("loss", 1.0),
+        "actual seqlen": ("seq_length", 1.0),  # MindSpeed/ModelLink
+        "TFLOPs": ("tflops_per_gpu", 1.0),  # MindSpeed/ModelLink: per device
+    },
+)
+NANOTRON_FAMILY = LineFamily(
+    "nanotron",
+    {
+        "elapsed_time_per_iteration_ms": ("step_time_s", 1e-3),
+        "tokens_per_sec_per_gpu": ("tokens_per_sec_per_gpu", 1.0),
+        "global_batch_size": ("global_batch_size", 1.0),
+        "lm_loss": ("loss", 1.0),
+        "lr": ("lr", 1.0),
+        "model_tflops_per_gpu": ("tflops_per_gpu", 1.0),
+    },
+)
+FAMILY_OF_FORMAT = {
+    "nemo": NEMO_FAMILY,
+    "ours": NEMO_FAMILY,
+    "megatron": MEGATRON_FAMILY,
+    "bridge": MEGATRON_FAMILY,
+    "mindspeed": MEGATRON_FAMILY,
+    "nanotron": NANOTRON_FAMILY,
+}
+LEADING_NUMBER = re.compile(rb"\s*(" + NUMBER + rb")")
+
+
+def parse_number(raw: bytes) -> float | None:
+    """A field value as the logs print it: `6.706e+03` -> 6706.0, ` 12.9K ` -> 12900.0, `nan` -> nan,
+    `3.624[rank0]: ...` (a glued record) -> 3.624; None when it does not start with a number."""
+    try:
+        return float(raw)  # the common case; float() ignores surrounding whitespace
+    except ValueError:
+        pass
+    m = LEADING_NUMBER.match(raw)
+    if m is None:
+        return None
+    token = m.group(1)
+    scale = SUFFIX_SCALE.get(token[-1])
+    return float(token[:-1]) * scale if scale is not None else float(token)
+
+
+RawRecord = tuple[int, int, list]  # (step, line number, values in VALUE_FIELDS order, ABSENT)
+
+
+# A raw record's values start as this very object: `value is ABSENT` tells "not printed" from a
+# printed `nan` (a different float object), so the hot loop needs no None -> NaN pass.
+ABSENT = float("nan")
+
+
+def _parse_values(family: LineFamily, segment: bytes, iteration: int, line_no: int) -> RawRecord | None:
+    """The record's fields by key; None when none of the family's keys is there (not a step line)."""
+    values = [ABSENT] * len(VALUE_FIELDS)
+    step = iteration
+    found = False
+    columns = family.columns
+    for key, raw in family.pattern.findall(segment):
+        try:
+            value = float(raw)  # the common case; float() ignores surrounding whitespace
+        except ValueError:
+            value = parse_number(raw)  # K/M suffixes, a glued record after the number
+            if value is None:
+                continue
+        column, scale = columns[key]
+        if column == STEP_COLUMN:
+            if math.isfinite(value):
+                step = int(round(value))  # `global_step: 3.1e+4`
+            continue
+        values[column] = value * scale
+        found = True
+    return (step, line_no, values) if found else None
+
+
+def _record(raw: RawRecord) -> StepRecord:
+    step, line_no, values = raw
+    fields = {}
+    for name, value in zip(VALUE_FIELDS, values):
+        if value is ABSENT:
+            value = None
+        elif name in INT_FIELDS:
+            value = int(round(value)) if math.isfinite(value) else None
+        fields[name] = value
+    return StepRecord(step, line_no, **fields)
+
+
+def _parse_record(family: LineFamily, segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
+    raw = _parse_values(family, segment, iteration, line_no)
+    return _record(raw) if raw is not None else None
+
+
+# One parse function per format (dgxc-benchmarking style): a record segment that starts at
+# `iteration N/M` -> StepRecord. Formats of one family share the same keys.
+def parse_nemo(segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
+    return _parse_record(NEMO_FAMILY, segment, iteration, line_no)
+
+
+def parse_ours(segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
+    return _parse_record(NEMO_FAMILY, segment, iteration, line_no)
+
+
+def parse_megatron(segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
+    return _parse_record(MEGATRON_FAMILY, segment, iteration, line_no)
+
+
+def parse_bridge(segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
+    return _parse_record(MEGATRON_FAMILY, segment, iteration, line_no)
+
+
+def parse_mindspeed(segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
+    return _parse_record(MEGATRON_FAMILY, segment, iteration, line_no)
+
+
+def parse_nanotron(segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
+    return _parse_record(NANOTRON_FAMILY, segment, iteration, line_no)
+
+
+PARSERS: dict[str, Callable[[bytes, int, int], StepRecord | None]] = {
+    "nemo": parse_nemo,
+    "ours": parse_ours,
+    "megatron": parse_megatron,
+    "bridge": parse_bridge,
+    "mindspeed": parse_mindspeed,
+    "nanotron": parse_nanotron,
+}
+
+
+def family_of_record(segment: bytes, nanotron_colon: bool) -> LineFamily | None:
+    """Which family a record belongs to, from the keys it carries (None: not a step line)."""
+    if b"reduced_train_loss" in segment or b"global_step" in segment or b"train_step_timing" in segment:
+        return NEMO_FAMILY
+    if nanotron_colon or b"_per_iteration_ms" in segment:
+        return NANOTRON_FAMILY
+    if b"elapsed time per iteration" in segment or b"lm loss" in segment:
+        return MEGATRON_FAMILY
+    return None
+
+
+@dataclass
+class LogScan:
+    """What a streaming pass learned besides the records: markers, header hints, counters."""
+
+    path: Path
+    requested_format: str
+    family: LineFamily | None = None
+    markers: set[str] = field(default_factory=set)
+    hints: dict[str, int] = field(default_factory=dict)  # from Megatron-LM's argument dump
+    lines: int = 0
+    bytes_read: int = 0
+    nul_bytes_in_head: int = 0
+    head_bytes: int = 0
+    dropped_long_lines: int = 0
+
+    @property
+    def format(self) -> str:
+        """The format name to report: the requested one, or what auto-detection found."""
+        if self.requested_format != "auto":
+            return self.requested_format
+        if self.family is None:
+            return "unknown"
+        if self.family is NEMO_FAMILY:
+            return "ours" if "ours" in self.markers else "nemo"
+        if self.family is MEGATRON_FAMILY:
+            if "mindspeed" in self.markers:
+                return "mindspeed"
+            return "bridge" if "bridge" in self.markers else "megatron"
+        return self.family.name
+
+    @property
+    def looks_binary(self) -> bool:
+        return self.head_bytes > 0 and self.nul_bytes_in_head * 100 > self.head_bytes
+
+
+def _note_header_line(scan: LogScan, line: bytes) -> None:
+    """Markers and hints printed before the first step line (cheap: header lines only)."""
+    if OURS_LOG_MARKER.encode() in line:
+        scan.markers.add("ours")
+    low = line.lower()
+    if b"megatron.bridge" in low or b"megatron-bridge" in low or b"megatron bridge" in low:
+        scan.markers.add("bridge")
+    if b"mindspeed" in low or b"modellink" in low or b"ascendspeed" in low:
+        scan.markers.add("mindspeed")
+    m = ARG_DUMP.match(line)
+    if m:
+        scan.hints[m.group(1).decode()] = int(m.group(2))
+
+
+def _iter_blocks(scan: LogScan, progress: Callable[[int], None] | None) -> Iterator[bytes]:
+    """The log in blocks of whole lines (a block ends where a line ends): memory is one block."""
+    with open(scan.path, "rb") as f:
+        carry = b""
+        while True:
+            block = f.read(BLOCK_BYTES)
+            if not block:
+                break
+            if scan.bytes_read == 0:
+                head = block[:65536]
+                scan.head_bytes = len(head)
+                scan.nul_bytes_in_head = head.count(0)
+            scan.bytes_read += len(block)
+            if progress is not None:
+                progress(len(block))
+            cut = block.rfind(b"\n") + 1
+            if cut:
+                yield carry + block[:cut]
+                carry = block[cut:]
+            else:
+                carry += block
+            if len(carry) > MAX_LINE_BYTES:  # no step line is that long: binary data
+                scan.dropped_long_lines += 1
+                carry = b""
+        if carry:
+            yield carry
+
+
+def _note_header(scan: LogScan, text: bytes) -> None:
+    for line in text.replace(b"\r", b"\n").split(b"\n"):
+        _note_header_line(scan, line)
+
+
+def iter_records(
+    path: str | Path, fmt: str = "auto", progress: Callable[[int], None] | None = None
+) -> tuple[LogScan, Iterator[StepRecord]]:
+    """Stream the step records of a log. Returns the scan (filled while iterating) and the records.
+
+    `fmt` is one of FORMATS or "auto": auto takes the family of the first step line it meets
+    (and the markers printed before it) and keeps it for the whole log.
+    """
+    scan, raw = iter_raw_records(path, fmt, progress)
+    return scan, (_record(r) for r in raw)
+
+
+def iter_raw_records(
+    path: str | Path, fmt: str = "auto", progress: Callable[[int], None] | None = None
+) -> tuple[LogScan, Iterator[RawRecord]]:
+    """iter_records without the StepRecord objects: (step, line_no, values) for the hot path."""
+    scan = LogScan(Path(path), fmt)
+    if fmt != "auto":
+        scan.family = FAMILY_OF_FORMAT[fmt]
+    return scan, _records(scan, progress)
+
+
+# A step record and the rest of its line: `iteration 528/999 | ...` up to the line end or `\r`.
+RECORD_LINE = re.compile(rb"iteration(:?)[ \t]*(\d+)[ \t]*/[ \t]*(\d+)([^\n\r]*)")
+
+
+def _records(scan: LogScan, progress: Callable[[int], None] | None) -> Iterator[RawRecord]:
+    """Step records, found with one regex scan per block: lines without a record cost no Python."""
+    seen_step = False
+    lines_before_block = 0
+    for block in _iter_blocks(scan, progress):
+        if b"\x1b" in block:
+            block = ANSI_ESCAPE.sub(b"", block)  # colours may sit between key and value
+        line_no, counted_to, header_from = lines_before_block + 1, 0, 0
+        for m in RECORD_LINE.finditer(block):
+            start = m.start()
+            line_no += block.count(b"\n", counted_to, start)
+            counted_to = start
+            if not seen_step:
+                _note_header(scan, block[header_from:start])
+                header_from = m.end()
+            colon, iteration, _, rest = m.groups()
+            if b"iteration" in rest and (subs := list(RECORD_START.finditer(rest))):
+                # Two records glued on one line: cut at each further record start.
+                records = [(colon, iteration, rest[:subs[0].start()])]
+                for i, sub in enumerate(subs):
+                    end = subs[i + 1].start() if i + 1 < len(subs) else len(rest)
+                    records.append((sub.group(1), sub.group(2), rest[sub.end():end]))
+            else:
+                records = ((colon, iteration, rest),)
+            for colon, iteration, segment in records:
+                family = scan.family
+                if family is None:
+                    # auto: the first step line decides the family for the whole log.
+                    family = family_of_record(segment, bool(colon))
+                    if family is None:
+                        continue
+                    scan.family = family
+                    if b"gloabl" in segment:
+                        scan.markers.add("mindspeed")
+                record = _parse_values(family, segment, int(iteration), line_no)
+                if record is not None:
+                    seen_step = True
+                    yield record
+        if not seen_step:
+            _note_header(scan, block[header_from:])
+        lines_before_block += block.count(b"\n")
+    scan.lines = lines_before_block
