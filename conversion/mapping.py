@@ -514,31 +514,47 @@ def iter_rank_tensors(
     get_hf_tensor: Callable[[str], torch.Tensor],
 ) -> Iterator[tuple[str, torch.Tensor | None]]:
     """(megatron name, shard) of one rank, tensor by tensor, with `_extra_state` Nones."""
+    for _, name, tensor in iter_stage_tensors(shape, layout, [rank], get_hf_tensor):
+        yield name, tensor
+
+
+def iter_stage_tensors(
+    shape: ModelShape,
+    layout: McoreLayout,
+    ranks: list[RankCoord],
+    get_hf_tensor: Callable[[str], torch.Tensor],
+) -> Iterator[tuple[RankCoord, str, torch.Tensor | None]]:
+    """(rank, megatron name, shard) for several ranks at once, reading each HF tensor once.
+
+    Converters pass the ranks of one pipeline stage, so memory holds that stage's shards only.
+    """
     expected = expected_hf_shapes(shape)
     padded = shape.padded_vocab_size(layout.tp)
     for item in plan(shape, layout):
-        where = _on_rank(shape, layout, item, rank)
-        if where is None:
+        holders = [(r, w) for r in ranks if (w := _on_rank(shape, layout, item, r)) is not None]
+        if not holders:
             continue
-        local_layer, local_expert = where
-        hf_names = item.hf_names or item.rule.hf
         tensors = []
-        for name in hf_names:
+        for name in item.hf_names or item.rule.hf:
             t = get_hf_tensor(name)
             check_hf_tensor(shape, name, t, expected)
             tensors.append(t)
-        parts, part = _parts_and_rank(layout, item.rule, rank)
-        shard = _shard(shape, item.rule, tensors, parts, part, padded)
-        yield _mcore_name(item.rule, layout, local_layer, local_expert, shape.is_moe), shard.contiguous()
-        extra = _extra_state_name(item.rule, local_layer, local_expert)
-        if extra is not None:
-            yield extra, None
-        if layout.layer_spec == "te" and item.layer is not None and item.rule is _ATTENTION[1]:
-            for module in TE_EXTRA_STATE_MODULES:
-                yield MCORE_LAYER_PREFIX.format(layer=local_layer) + module + "._extra_state", None
+        cache: dict[int, torch.Tensor] = {}  # one shard per (expert) TP part, shared by replicas
+        for rank, (local_layer, local_expert) in holders:
+            parts, part = _parts_and_rank(layout, item.rule, rank)
+            if part not in cache:
+                cache[part] = _shard(shape, item.rule, tensors, parts, part, padded).contiguous()
+            yield rank, _mcore_name(item.rule, layout, local_layer, local_expert, shape.is_moe), cache[part]
+            extra = _extra_state_name(item.rule, local_layer, local_expert)
+            if extra is not None:
+                yield rank, extra, None
+            if layout.layer_spec == "te" and item.layer is not None and item.rule is _ATTENTION[1]:
+                for module in TE_EXTRA_STATE_MODULES:
+                    yield rank, MCORE_LAYER_PREFIX.format(layer=local_layer) + module + "._extra_state", None
     if shape.tie_embeddings and layout.pp == 1:
         # megatron-core keeps an output_layer module without weight when embeddings are tied.
-        yield "output_layer._extra_state", None
+        for rank in ranks:
+            yield rank, "output_layer._extra_state", None
 
 
 def mcore_names(shape: ModelShape, layout: McoreLayout, rank: RankCoord) -> list[str]:

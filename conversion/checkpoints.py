@@ -1,0 +1,314 @@
+"""Megatron checkpoint formats: legacy per-rank files and torch_dist (`dist_checkpointing`).
+
+Legacy, as Megatron-LM's `get_checkpoint_name` names it (megatron/training/checkpointing.py):
+
+    <dir>/latest_checkpointed_iteration.txt              "0"
+    <dir>/iter_0000000/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt
+        {"model": state_dict} ("model0", "model1", ... with virtual pipeline stages),
+        "checkpoint_version": 3.0, "iteration": 0, "args": argparse.Namespace(...)
+
+`_PPP` appears when PP > 1, `_EEE` when EP > 1. Megatron-LM / MindSpeed-LLM load it with
+`--load <dir> --no-load-optim --no-load-rng` (or `--finetune`) and `--ckpt-format torch`.
+
+torch_dist: `<dir>/iter_0000000/` written by `dist_checkpointing.save` from the sharded state dict
+{"model": GPTModel.sharded_state_dict(), "args", "checkpoint_version", "iteration"}, as
+Megatron-LM writes it; it is layout independent and resharded at load (the embedding's global
+shape is `padded_vocab_size(tp)` of the converted TP, so a loading run must pad the vocabulary the
+same way).
+
+Both carry `conversion.json` (shape, layout, format) and `hf/` (the original config.json and
+tokenizer files) so that `mcore-to-hf` needs no options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from qwen_pretrain.conversion.mapping import McoreLayout, RankCoord
+from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.recipes.schema import ModelShape, Parallelism
+
+CHECKPOINT_VERSION = 3.0
+TRACKER = "latest_checkpointed_iteration.txt"
+CONVERSION_INFO = "conversion.json"
+
+
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def legacy_rank_dir(layout: McoreLayout, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
+    """Megatron-LM's `get_checkpoint_name` directory for one (TP, PP, EP) rank."""
+    name = f"mp_rank_{tp_rank:02d}"
+    if layout.pp > 1:
+        name += f"_{pp_rank:03d}"
+    if layout.ep > 1:
+        name += f"_{ep_rank:03d}"
+    return name
+
+
+def megatron_args(shape: ModelShape, layout: McoreLayout, dtype: str) -> argparse.Namespace:
+    """The `args` Megatron-LM's loader reads back (check_checkpoint_args and friends)."""
+    return argparse.Namespace(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        group_query_attention=shape.num_query_groups != shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        kv_channels=shape.head_dim,
+        max_position_embeddings=shape.max_position_embeddings,
+        position_embedding_type="rope",
+        add_position_embedding=False,
+        rotary_base=int(shape.rope_theta),
+        normalization="RMSNorm",
+        norm_epsilon=shape.rms_norm_eps,
+        swiglu=True,
+        add_bias_linear=False,
+        add_qkv_bias=shape.qkv_bias,
+        qk_layernorm=shape.qk_norm,
+        untie_embeddings_and_output_weights=not shape.tie_embeddings,
+        make_vocab_size_divisible_by=shape.make_vocab_size_divisible_by,
+        padded_vocab_size=shape.padded_vocab_size(layout.tp),
+        tokenizer_type="HuggingFaceTokenizer",
+        num_experts=shape.num_experts,
+        moe_ffn_hidden_size=shape.moe_ffn_hidden_size,
+        moe_router_topk=shape.moe_router_topk,
+        moe_grouped_gemm=layout.expert_layout != "sequential",
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        ckpt_format="torch",
+        iteration=0,
+        consumed_train_samples=0,
+        consumed_valid_samples=0,
+    )
+
+
+def write_info(out: Path, fmt: str, shape: ModelShape, layout: McoreLayout, recipe: str | None, dtype: str) -> None:
+    info = {
+        "format": fmt,
+        "recipe": recipe,
+        "dtype": dtype,
+        "shape": dataclasses.asdict(shape),
+        "layout": dataclasses.asdict(layout),
+        "iteration": 0,
+    }
+    (out / CONVERSION_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_info(mcore_dir: Path) -> dict[str, Any] | None:
+    path = Path(mcore_dir) / CONVERSION_INFO
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_tracker(mcore_dir: Path) -> Path:
+    """The iteration directory named by latest_checkpointed_iteration.txt."""
+    tracker = Path(mcore_dir) / TRACKER
+    if not tracker.is_file():
+        raise UserError(f"{tracker}: not found; --mcore must be a Megatron checkpoint directory")
+    text = tracker.read_text().strip()
+    if text == "release":
+        return Path(mcore_dir) / "release"
+    if not text.isdigit():
+        raise UserError(f"{tracker}: expected an iteration number or 'release', got '{text}'")
+    return Path(mcore_dir) / iter_dir_name(int(text))
+
+
+def detect_format(iter_dir: Path) -> str:
+    if (iter_dir / "metadata.json").is_file() or (iter_dir / ".metadata").is_file():
+        return "torch_dist"
+    if any(iter_dir.glob("mp_rank_*/model_optim_rng.pt")):
+        return "legacy"
+    raise UserError(f"{iter_dir}: neither a torch_dist nor a legacy (mp_rank_*) checkpoint")
+
+
+# ---------------------------------------------------------------- legacy
+
+
+def save_legacy_stage(
+    iter_dir: Path,
+    layout: McoreLayout,
+    pp_rank: int,
+    tensors: Iterator[tuple[RankCoord, str, Any]],
+    args: argparse.Namespace,
+) -> None:
+    """Write the files of one pipeline stage (all TP x EP ranks, all its virtual chunks)."""
+    import torch
+
+    files: dict[tuple[int, int], dict[str, Any]] = {}
+    for rank, name, tensor in tensors:
+        key = (rank.tp_rank, rank.ep_rank)
+        model_key = "model" if layout.vpp is None else f"model{rank.vpp_rank}"
+        files.setdefault(key, {}).setdefault(model_key, {})[name] = tensor
+    for (tp_rank, ep_rank), models in sorted(files.items()):
+        rank_dir = iter_dir / legacy_rank_dir(layout, tp_rank, pp_rank, ep_rank)
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        payload = {**models, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "args": args}
+        torch.save(payload, rank_dir / "model_optim_rng.pt")
+
+
+def legacy_layout(iter_dir: Path) -> tuple[McoreLayout, argparse.Namespace]:
+    """The layout a legacy checkpoint was written with, from its `args` and directory names."""
+    import torch
+
+    files = sorted(iter_dir.glob("mp_rank_*/model_optim_rng.pt"))
+    if not files:
+        raise UserError(f"{iter_dir}: no mp_rank_*/model_optim_rng.pt files")
+    first = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    args = first.get("args")
+    if args is None:
+        raise UserError(f"{files[0]}: has no 'args'; cannot tell its TP/PP/EP layout")
+    expert_layout = "sequential"
+    model = first.get("model") or first.get("model0") or {}
+    if any(k.endswith("mlp.experts.weight1") for k in model):
+        expert_layout = "legacy_grouped"
+    elif any(re.search(r"mlp\.experts\.linear_fc1\.weight\d+$", k) for k in model):
+        expert_layout = "te_grouped"
+    layer_spec = "te" if any(k.endswith("layer_norm_weight") for k in model) else "local"
+    layout = McoreLayout(
+        tp=args.tensor_model_parallel_size,
+        pp=args.pipeline_model_parallel_size,
+        ep=getattr(args, "expert_model_parallel_size", 1) or 1,
+        vpp=getattr(args, "virtual_pipeline_model_parallel_size", None),
+        etp=getattr(args, "expert_tensor_parallel_size", 1) or 1,
+        layer_spec=layer_spec,
+        expert_layout=expert_layout,
+    )
+    return layout, args
+
+
+def legacy_reader(iter_dir: Path, layout: McoreLayout) -> Callable[[RankCoord, str], Any]:
+    """get(rank, name) over memory-mapped rank files (pages are read on demand)."""
+    import torch
+
+    loaded: dict[tuple[int, int, int], dict[str, Any]] = {}
+
+    def get(rank: RankCoord, name: str) -> Any:
+        key = (rank.tp_rank, rank.pp_rank, rank.ep_rank)
+        if key not in loaded:
+            path = iter_dir / legacy_rank_dir(layout, *key) / "model_optim_rng.pt"
+            if not path.is_file():
+                raise UserError(f"{path}: missing; the checkpoint's rank files are incomplete")
+            loaded[key] = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        model_key = "model" if layout.vpp is None else f"model{rank.vpp_rank}"
+        state = loaded[key][model_key]
+        if name not in state:
+            raise UserError(f"{iter_dir / legacy_rank_dir(layout, *key)}: tensor '{name}' is missing")
+        return state[name]
+
+    return get
+
+
+# ---------------------------------------------------------------- torch_dist
+
+
+def _meta_model(shape: ModelShape) -> Any:
+    """A TP=1 GPTModel on the meta device: its sharded state dict names every global tensor."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from qwen_pretrain.launch.model import build_model, transformer_config
+    from qwen_pretrain.launch.parallel import init_parallel_for_tests
+    from qwen_pretrain.recipes import get_recipe
+
+    base = get_recipe("qwen3_tiny")
+    recipe = dataclasses.replace(base, name="conversion", model=shape, parallel=Parallelism(), gpus=1)
+    if not ps.model_parallel_is_initialized():
+        init_parallel_for_tests(recipe)
+    config = transformer_config(recipe)
+    config.perform_initialization = False
+    config.use_cpu_initialization = True
+    with torch.device("meta"):
+        return build_model(recipe, config=config)
+
+
+def padded_as(shape: ModelShape, tp: int) -> ModelShape:
+    """`shape` whose TP=1 padding equals `shape`'s padding at `tp` (same embedding rows)."""
+    return dataclasses.replace(shape, make_vocab_size_divisible_by=shape.make_vocab_size_divisible_by * tp)
+
+
+def save_torch_dist(
+    iter_dir: Path, shape: ModelShape, state: dict[str, Any], args: argparse.Namespace
+) -> None:
+    """`state`: the TP=1 state dict (mapping at tp=1 with `shape`'s padding)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    model = _meta_model(shape)
+    sharded = model.sharded_state_dict()
+    for name, entry in sharded.items():
+        if isinstance(entry, ShardedTensor | ShardedTensorFactory):
+            if name not in state:
+                raise UserError(f"internal: tensor '{name}' was not converted")
+            entry.data = state[name]
+            if isinstance(entry, ShardedTensor):
+                entry.dtype = state[name].dtype
+    iter_dir.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(
+        {"model": sharded, "args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0},
+        str(iter_dir),
+    )
+
+
+def torch_dist_padded_vocab(iter_dir: Path) -> tuple[int, Any]:
+    """(embedding rows, dtype) as stored in a torch_dist checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(iter_dir))
+    emb = meta.get("embedding.word_embeddings.weight")
+    if emb is None:
+        raise UserError(f"{iter_dir}: no 'embedding.word_embeddings.weight' in the torch_dist checkpoint")
+    return emb.global_shape[0], emb.dtype
+
+
+def torch_dist_reader(iter_dir: Path, shape: ModelShape) -> Callable[[RankCoord, str], Any]:
+    """get(rank, name) at TP=1, loading one decoder layer (or the globals) at a time."""
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    rows, dtype = torch_dist_padded_vocab(iter_dir)
+    if rows < shape.vocab_size:
+        raise UserError(f"{iter_dir}: embedding has {rows} rows, fewer than the vocabulary ({shape.vocab_size})")
+    # a divisor of `rows` itself pads the vocabulary to exactly the stored rows at TP=1
+    load_shape = dataclasses.replace(shape, make_vocab_size_divisible_by=rows)
+    sharded = _meta_model(load_shape).sharded_state_dict()
+    groups: dict[str, list[str]] = {}
+    for name, entry in sharded.items():
+        if isinstance(entry, ShardedTensor | ShardedTensorFactory):
+            m = re.match(r"decoder\.layers\.(\d+)\.", name)
+            groups.setdefault(m.group(1) if m else "globals", []).append(name)
+    cache: dict[str, dict[str, Any]] = {}  # "globals" plus the one decoder layer being read
+
+    def load_group(group: str) -> dict[str, Any]:
+        subset = {}
+        for key in groups.get(group, []):
+            entry = sharded[key]
+            entry.data = torch.empty(entry.data.shape, dtype=dtype)
+            if isinstance(entry, ShardedTensor):
+                entry.dtype = dtype
+            subset[key] = entry
+        return dist_checkpointing.load({"model": subset}, str(iter_dir))["model"]
+
+    def get(rank: RankCoord, name: str) -> Any:
+        m = re.match(r"decoder\.layers\.(\d+)\.", name)
+        group = m.group(1) if m else "globals"
+        if group not in cache:
+            for old in [g for g in cache if g != "globals"]:
+                del cache[old]  # drop the previous layer before loading the next
+            cache[group] = load_group(group)
+        if name not in cache[group]:
+            raise UserError(f"{iter_dir}: tensor '{name}' is missing from the torch_dist checkpoint")
+        return cache[group][name]
+
+    return get

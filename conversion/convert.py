@@ -1,0 +1,260 @@
+"""The conversions: HF -> megatron-core, megatron-core -> HF, and numerical verification.
+
+Every output is written into a temporary directory beside `--out` and renamed at the end, so a
+failed or interrupted conversion leaves nothing that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from qwen_pretrain.conversion import checkpoints as ck
+from qwen_pretrain.conversion import hf_io
+from qwen_pretrain.conversion.mapping import (
+    McoreLayout,
+    RankCoord,
+    expected_hf_shapes,
+    hf_tensors_from_mcore,
+    iter_stage_tensors,
+)
+from qwen_pretrain.recipes import get_recipe
+from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.recipes.schema import ModelShape
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+@contextmanager
+def atomic_output_dir(out: Path) -> Iterator[Path]:
+    """A temporary directory renamed to `out` when the block succeeds, removed when it fails."""
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"--out {out}: already exists; choose a new directory or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.rename(tmp, out)
+
+
+def _progress(total: int, desc: str, quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=quiet or not sys.stderr.isatty())
+
+
+def _cast(get: Callable[[str], Any], dtype: str | None) -> Callable[[str], Any]:
+    if dtype is None:
+        return get
+    import torch
+
+    target = getattr(torch, DTYPES[dtype])
+    return lambda name: get(name).to(target)
+
+
+def hf_to_mcore(
+    hf_dir: Path,
+    out: Path,
+    *,
+    recipe: str | None = None,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    vpp: int | None = None,
+    etp: int = 1,
+    fmt: str = "torch_dist",
+    dtype: str | None = None,
+    layer_spec: str = "local",
+    expert_layout: str = "sequential",
+    quiet: bool = False,
+) -> Path:
+    """Convert a Hugging Face checkpoint into a megatron-core checkpoint at `out`."""
+    hf_dir = Path(hf_dir)
+    config = hf_io.read_config(hf_dir)
+    shape, recipe_name = hf_io.resolve_shape(config, recipe)
+    layout = McoreLayout(tp, pp, ep, vpp, etp, layer_spec, expert_layout)  # type: ignore[arg-type]
+    layout.validate(shape)
+    if fmt not in ("torch_dist", "legacy"):
+        raise UserError(f"--format {fmt}: choose torch_dist or legacy")
+    if fmt == "torch_dist" and (layer_spec, expert_layout) != ("local", "sequential"):
+        raise UserError("--format torch_dist is layout independent: leave --layer-spec/--expert-layout at their defaults")
+    reader = hf_io.HFReader(hf_dir)
+    check_shapes = expected_hf_shapes(shape)
+    hf_io.check_tensor_names(reader, check_shapes, shape.tie_embeddings)
+    get = _cast(reader.get, dtype)
+    stored_dtype = DTYPES[dtype] if dtype else str(reader.dtype_of("model.embed_tokens.weight"))
+    stored_dtype = {"BF16": "bfloat16", "F32": "float32", "F16": "float16"}.get(stored_dtype, stored_dtype)
+    args = ck.megatron_args(shape, layout, stored_dtype)
+    with atomic_output_dir(out) as tmp:
+        iter_dir = tmp / ck.iter_dir_name(0)
+        if fmt == "legacy":
+            bar = _progress(layout.pp, "hf-to-mcore (stages)", quiet)
+            for pp_rank in range(layout.pp):  # one stage's shards in memory at a time
+                ranks = [r for r in layout.ranks() if r.pp_rank == pp_rank]
+                ck.save_legacy_stage(iter_dir, layout, pp_rank, iter_stage_tensors(shape, layout, ranks, get), args)
+                bar.update(1)
+            bar.close()
+        else:
+            # The on-disk format is layout independent: convert at TP=1 with the target TP's
+            # vocab padding; dist_checkpointing reshards at load.
+            tp1 = ck.padded_as(shape, layout.tp)
+            one = McoreLayout()
+            state = {name: t for _, name, t in iter_stage_tensors(tp1, one, one.ranks(), get) if t is not None}
+            ck.save_torch_dist(iter_dir, tp1, state, args)
+            del state
+        (tmp / ck.TRACKER).write_text("0\n")
+        ck.write_info(tmp, fmt, shape, layout, recipe_name, stored_dtype)
+        hf_io.copy_hf_assets(hf_dir, tmp / "hf")
+    return Path(out)
+
+
+def _shape_for_mcore(mcore_dir: Path, recipe: str | None) -> tuple[ModelShape, dict[str, Any] | None]:
+    info = ck.read_info(mcore_dir)
+    if recipe is not None:
+        shape = get_recipe(recipe).model
+        if info is not None:
+            saved = ModelShape(**info["shape"])
+            for f in hf_io.STRUCTURAL_FIELDS:
+                if getattr(saved, f) != getattr(shape, f):
+                    raise UserError(
+                        f"--recipe {recipe}: {f} is {getattr(shape, f)} but the checkpoint was converted with {getattr(saved, f)}"
+                    )
+        return shape, info
+    if info is None:
+        raise UserError(f"{mcore_dir}: no {ck.CONVERSION_INFO}; name the model with --recipe")
+    return ModelShape(**info["shape"]), info
+
+
+def open_mcore(mcore_dir: Path, recipe: str | None) -> tuple[ModelShape, McoreLayout, Callable[[RankCoord, str], Any], str]:
+    """(shape, layout to read with, get(rank, name), format) of a megatron-core checkpoint."""
+    mcore_dir = Path(mcore_dir)
+    iter_dir = ck.read_tracker(mcore_dir)
+    fmt = ck.detect_format(iter_dir)
+    shape, _ = _shape_for_mcore(mcore_dir, recipe)
+    if fmt == "legacy":
+        layout, _ = ck.legacy_layout(iter_dir)
+        layout.validate(shape)
+        return shape, layout, ck.legacy_reader(iter_dir, layout), fmt
+    return shape, McoreLayout(), ck.torch_dist_reader(iter_dir, shape), fmt
+
+
+def mcore_to_hf(mcore_dir: Path, out: Path, *, recipe: str | None = None, max_shard_bytes: int = 2 * 1024**3, quiet: bool = False) -> Path:
+    """Gather a megatron-core checkpoint (any layout, either format) into HF safetensors."""
+    import json
+
+    mcore_dir = Path(mcore_dir)
+    shape, layout, get, _ = open_mcore(mcore_dir, recipe)
+    n = len(expected_hf_shapes(shape))
+    with atomic_output_dir(out) as tmp:
+        bar = _progress(n, "mcore-to-hf", quiet)
+
+        def tensors() -> Iterator[tuple[str, Any]]:
+            for name, t in hf_tensors_from_mcore(shape, get, layout):
+                bar.update(1)
+                yield name, t
+
+        hf_io.write_safetensors_shards(tmp, tensors(), max_shard_bytes)
+        bar.close()
+        assets = mcore_dir / "hf"
+        if assets.is_dir():
+            hf_io.copy_hf_assets(assets, tmp)
+        if not (tmp / "config.json").is_file():
+            (tmp / "config.json").write_text(json.dumps(hf_io.hf_config_for(shape), indent=2) + "\n")
+    return Path(out)
+
+
+# ---------------------------------------------------------------- verify
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    max_abs_diff: float
+    top1_agreement: float
+    prompts: int
+    tokens: int
+
+    def ok(self, tolerance: float) -> bool:
+        return self.max_abs_diff <= tolerance and self.top1_agreement == 1.0
+
+
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    return",
+    "Megatron-core shards a transformer over tensor, pipeline and expert parallel ranks.",
+    "量子计算的基本单位是",
+)
+
+
+def _prompt_ids(hf_dir: Path, vocab: int) -> list[list[int]]:
+    tok = Path(hf_dir) / "tokenizer.json"
+    if tok.is_file():
+        from tokenizers import Tokenizer
+
+        t = Tokenizer.from_file(str(tok))
+        return [[i % vocab for i in t.encode(p).ids] for p in PROMPTS]
+    import random
+
+    rng = random.Random(0)  # no tokenizer shipped: fixed pseudo-random token ids
+    return [[rng.randrange(vocab) for _ in range(12)] for _ in PROMPTS]
+
+
+def _mcore_model_tp1(mcore_dir: Path, shape: ModelShape, fmt: str, get: Callable[[RankCoord, str], Any], layout: McoreLayout) -> Any:
+    """The checkpoint in a TP=1 megatron-core GPTModel (fp32, CPU), built by the trainer's builder."""
+    from megatron.core import dist_checkpointing
+    from qwen_pretrain.conversion.mapping import mcore_state_dict_from_hf
+    from qwen_pretrain.launch.model import build_model
+    from qwen_pretrain.launch.parallel import init_parallel_for_tests
+    from qwen_pretrain.recipes.schema import Parallelism
+
+    iter_dir = ck.read_tracker(mcore_dir)
+    if fmt == "torch_dist":
+        rows, _ = ck.torch_dist_padded_vocab(iter_dir)
+        load_shape = dataclasses.replace(shape, make_vocab_size_divisible_by=rows)
+    else:
+        load_shape = shape
+    recipe = dataclasses.replace(get_recipe("qwen3_tiny"), name="verify", model=load_shape, parallel=Parallelism(), gpus=1)
+    init_parallel_for_tests(recipe)
+    model = build_model(recipe).eval()
+    if fmt == "torch_dist":
+        # the real loader: dist_checkpointing reshards whatever TP/PP/EP was saved to TP=1
+        sharded = model.sharded_state_dict()
+        loaded = dist_checkpointing.load({"model": sharded}, str(iter_dir))["model"]
+        model.load_state_dict({k: v.float() if hasattr(v, "float") else v for k, v in loaded.items()})
+    else:
+        hf = dict(hf_tensors_from_mcore(shape, get, layout))
+        state = mcore_state_dict_from_hf(shape, lambda n: hf[n].float())
+        model.load_state_dict(state)
+    return model.float()
+
+
+def verify(hf_dir: Path, mcore_dir: Path, *, recipe: str | None = None) -> VerifyResult:
+    """Logits of the HF model (transformers) and the megatron-core model on a few prompts, fp32."""
+    import torch
+    import transformers
+
+    shape, layout, get, fmt = open_mcore(Path(mcore_dir), recipe)
+    model = _mcore_model_tp1(Path(mcore_dir), shape, fmt, get, layout)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    max_diff, agree, total = 0.0, 0, 0
+    with torch.no_grad():
+        for ids in _prompt_ids(Path(hf_dir), shape.vocab_size):
+            x = torch.tensor([ids])
+            ref = hf_model(x).logits[0]
+            pos = torch.arange(len(ids)).unsqueeze(0)
+            out = model(x, pos, None)[0, :, : shape.vocab_size]
+            max_diff = max(max_diff, (ref - out).abs().max().item())
+            agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
+            total += len(ids)
+    return VerifyResult(max_diff, agree / total, len(PROMPTS), total)

@@ -1,0 +1,275 @@
+"""Hugging Face checkpoints: architecture detection, recipe matching, lazy reading, sharded writing.
+
+Reading is lazy (safetensors `safe_open`, one tensor at a time); writing streams tensors into
+shards of at most `max_shard_bytes`, with `model.safetensors.index.json`, into a temporary
+directory that is renamed at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from qwen_pretrain.recipes import all_recipes, get_recipe
+from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.recipes.schema import ModelShape
+
+# config.json "architectures"[0] -> recipe family
+ARCHITECTURES = {
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
+# The fields that decide the tensors' names and shapes: a recipe matches a config.json when
+# all of them agree.
+STRUCTURAL_FIELDS = (
+    "family",
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_query_groups",
+    "head_dim",
+    "ffn_hidden_size",
+    "vocab_size",
+    "tie_embeddings",
+    "qkv_bias",
+    "qk_norm",
+    "num_experts",
+    "moe_ffn_hidden_size",
+)
+
+
+def read_config(hf_dir: Path) -> dict[str, Any]:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; --hf must be a Hugging Face model directory with config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from err
+
+
+def family_of(config: dict[str, Any], where: str = "config.json") -> str:
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else config.get("model_type", "<none>")
+    if arch not in ARCHITECTURES:
+        raise UserError(
+            f"{where}: architecture '{arch}' is not supported: this converter handles "
+            f"{', '.join(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[arch]
+
+
+def shape_from_config(config: dict[str, Any]) -> ModelShape:
+    """A ModelShape built from config.json (used for shapes no recipe knows)."""
+    family = family_of(config)
+    rope = config.get("rope_parameters") or {}
+    heads = config["num_attention_heads"]
+    moe = family == "qwen3_moe"
+    return ModelShape(
+        family=family,
+        hf_architecture=config["architectures"][0],
+        hidden_size=config["hidden_size"],
+        num_layers=config["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_query_groups=config.get("num_key_value_heads", heads),
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        ffn_hidden_size=config["intermediate_size"],
+        vocab_size=config["vocab_size"],
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2",
+        qk_norm=family != "qwen2",
+        max_position_embeddings=config.get("max_position_embeddings", 32768),
+        rope_theta=float(config.get("rope_theta", rope.get("rope_theta", 1_000_000.0))),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        num_experts=(config.get("num_experts") or config.get("num_local_experts")) if moe else None,
+        moe_ffn_hidden_size=config.get("moe_intermediate_size") if moe else None,
+        moe_router_topk=config.get("num_experts_per_tok", 0) if moe else 0,
+        moe_norm_topk_prob=bool(config.get("norm_topk_prob", False)) if moe else False,
+        moe_aux_loss_coeff=config.get("router_aux_loss_coef", 0.0) if moe else 0.0,
+    )
+
+
+def _structure(shape: ModelShape) -> dict[str, Any]:
+    return {f: getattr(shape, f) for f in STRUCTURAL_FIELDS}
+
+
+def resolve_shape(config: dict[str, Any], recipe: str | None) -> tuple[ModelShape, str | None]:
+    """The recipe's shape (named, or matched from config.json), else one built from config.json.
+
+    The recipe stays the source of truth for known models; a named recipe that disagrees with
+    config.json is refused, naming the first field that differs.
+    """
+    found = shape_from_config(config)
+    if recipe is not None:
+        shape = get_recipe(recipe).model
+        for f, v in _structure(found).items():
+            if getattr(shape, f) != v:
+                raise UserError(
+                    f"config.json does not match recipe '{recipe}': {f} is {v} in config.json but "
+                    f"{getattr(shape, f)} in the recipe; pick the right --recipe or leave it out"
+                )
+        return shape, get_recipe(recipe).name
+    for r in all_recipes():
+        if _structure(r.model) == _structure(found):
+            return r.model, r.name
+    return found, None
+
+
+def with_vocab(shape: ModelShape, vocab_size: int) -> ModelShape:
+    return dataclasses.replace(shape, vocab_size=vocab_size)
+
+
+class HFReader:
+    """Lazy access to the tensors of a Hugging Face safetensors checkpoint (one or many shards)."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        from safetensors import safe_open
+
+        self.dir = Path(hf_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.dir / "model.safetensors").is_file():
+            with safe_open(self.dir / "model.safetensors", "pt") as f:
+                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+        else:
+            raise UserError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
+        self.weight_map = weight_map
+        self._handles: dict[str, Any] = {}
+        self._safe_open = safe_open
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def files(self) -> list[Path]:
+        return [self.dir / f for f in sorted(set(self.weight_map.values()))]
+
+    def get(self, name: str) -> Any:
+        file = self.weight_map.get(name)
+        if file is None:
+            raise UserError(f"{self.dir}: tensor '{name}' is missing from the checkpoint")
+        if file not in self._handles:
+            self._handles[file] = self._safe_open(self.dir / file, "pt")
+        return self._handles[file].get_tensor(name)
+
+    def dtype_of(self, name: str) -> str:
+        file = self.weight_map[name]
+        if file not in self._handles:
+            self._handles[file] = self._safe_open(self.dir / file, "pt")
+        return self._handles[file].get_slice(name).get_dtype()
+
+
+def check_tensor_names(reader: HFReader, expected: Iterable[str], tied: bool) -> None:
+    """Missing or extra tensors: a one-line error naming the first few."""
+    expected = set(expected)
+    present = set(reader.names())
+    if tied:
+        present.discard("lm_head.weight")  # some tied checkpoints still store the copy
+    missing = sorted(expected - present)
+    extra = sorted(present - expected)
+    if missing:
+        raise UserError(
+            f"{reader.dir}: tensor '{missing[0]}' is missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + ": the checkpoint does not match the model shape; check --recipe"
+        )
+    if extra:
+        raise UserError(
+            f"{reader.dir}: unexpected tensor '{extra[0]}'"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            + ": the checkpoint does not match the model shape; check --recipe"
+        )
+
+
+def hf_config_for(shape: ModelShape) -> dict[str, Any]:
+    """A config.json for `shape` (used when the original one was not kept)."""
+    cfg: dict[str, Any] = {
+        "architectures": [shape.hf_architecture],
+        "model_type": {"qwen3": "qwen3", "qwen2": "qwen2", "qwen3_moe": "qwen3_moe"}[shape.family],
+        "hidden_size": shape.hidden_size,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_key_value_heads": shape.num_query_groups,
+        "head_dim": shape.head_dim,
+        "intermediate_size": shape.ffn_hidden_size,
+        "vocab_size": shape.vocab_size,
+        "tie_word_embeddings": shape.tie_embeddings,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "rope_theta": shape.rope_theta,
+        "rms_norm_eps": shape.rms_norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": shape.qkv_bias,
+    }
+    if shape.is_moe:
+        cfg |= {
+            "num_experts": shape.num_experts,
+            "moe_intermediate_size": shape.moe_ffn_hidden_size,
+            "num_experts_per_tok": shape.moe_router_topk,
+            "norm_topk_prob": shape.moe_norm_topk_prob,
+            "router_aux_loss_coef": shape.moe_aux_loss_coeff,
+        }
+    return cfg
+
+
+def copy_hf_assets(src_dir: Path, dst_dir: Path) -> None:
+    """config.json and the tokenizer files, as they are."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (Path(src_dir) / name).is_file():
+            shutil.copy2(Path(src_dir) / name, dst_dir / name)
+
+
+def write_safetensors_shards(
+    out_dir: Path, tensors: Iterator[tuple[str, Any]], max_shard_bytes: int = 2 * 1024**3
+) -> dict[str, str]:
+    """Stream (name, tensor) into model-0000i-of-0000n.safetensors shards plus the index."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    pending: dict[str, Any] = {}
+    pending_bytes = 0
+    files: list[list[str]] = []
+    total = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if not pending:
+            return
+        tmp_name = f"shard-{len(files):05d}.safetensors"
+        save_file(pending, str(out_dir / tmp_name), metadata={"format": "pt"})
+        files.append([tmp_name, *pending])
+        pending, pending_bytes = {}, 0
+
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+        pending[name] = tensor.contiguous()
+        pending_bytes += size
+        total += size
+    flush()
+    n = len(files)
+    for i, (tmp_name, *names) in enumerate(files):
+        final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(out_dir / tmp_name, out_dir / final)
+        weight_map |= dict.fromkeys(names, final)
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return weight_map
