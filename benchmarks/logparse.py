@@ -13,7 +13,7 @@ decoded, with errors="replace", for messages). Every line is handled the same wa
 
 Formats (see REFERENCE.md section 4):
   nemo       NeMo 2: `Training epoch 0, iteration 528/999 | lr: ... | global_step: 528 | ...`
-  ours       our trainer: the NeMo 2 line, recognised by OURS_LOG_MARKER printed before it
+  ours       our trainer: the NeMo 2 line plus `tflops_per_gpu`/`mfu`, or after OURS_LOG_MARKER
   megatron   Megatron-LM: ` [date] iteration  528/  999 | consumed samples: ... | lm loss: ...`
   bridge     Megatron-Bridge: the Megatron-LM line; recognised by `megatron.bridge` in the log
   mindspeed  MindSpeed-LLM / ModelLink: the Megatron-LM line, often with `gloabl batch size`
@@ -30,8 +30,9 @@ from pathlib import Path
 
 FORMATS: tuple[str, ...] = ("nemo", "megatron", "bridge", "mindspeed", "nanotron", "ours")
 
-# Our trainer prints the NeMo 2 step line; it also prints a line containing this marker before
-# its first step, which is how `--format auto` tells its logs from NeMo's.
+# Our trainer prints the NeMo 2 step line (launch/train_log.py). `--format auto` reports "ours"
+# when a line before the first step contains this marker, or when the step line carries the
+# fields our trainer appends after NeMo's (`tflops_per_gpu`, `mfu`), which NeMo never prints.
 OURS_LOG_MARKER = "qwen-pretrain-trainer"
 
 BLOCK_BYTES = 1 << 22  # read size; lines are split out of each block
@@ -107,6 +108,7 @@ NEMO_FAMILY = LineFamily(
         "global_batch_size": ("global_batch_size", 1.0),
         "lr": ("lr", 1.0),
         "val_loss": ("val_loss", 1.0),
+        "tflops_per_gpu": ("tflops_per_gpu", 1.0),  # ours only (after NeMo's fields)
     },
 )
 MEGATRON_FAMILY = LineFamily(
@@ -396,6 +398,8 @@ def _records(scan: LogScan, progress: Callable[[int], None] | None) -> Iterator[
                     scan.family = family
                     if b"gloabl" in segment:
                         scan.markers.add("mindspeed")
+                    if family is NEMO_FAMILY and (b"| tflops_per_gpu:" in segment or b"| mfu:" in segment):
+                        scan.markers.add("ours")  # fields our trainer adds after NeMo's
                 record = _parse_values(family, segment, int(iteration), line_no)
                 if record is not None:
                     seen_step = True
