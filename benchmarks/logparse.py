@@ -267,8 +267,7 @@ class LogScan:
     hints: dict[str, int] = field(default_factory=dict)  # from Megatron-LM's argument dump
     lines: int = 0
     bytes_read: int = 0
-    nul_bytes_in_head: int = 0
-    head_bytes: int = 0
+    head: bytes = b""  # the first 64 KiB, to tell binary data from text when no step is found
     dropped_long_lines: int = 0
 
     @property
@@ -288,7 +287,11 @@ class LogScan:
 
     @property
     def looks_binary(self) -> bool:
-        return self.head_bytes > 0 and self.nul_bytes_in_head * 100 > self.head_bytes
+        """NUL bytes, or over 5% of the text not UTF-8: logs have a few bad bytes at most."""
+        if not self.head:
+            return False
+        text = self.head.decode("utf-8", errors="replace")
+        return b"\x00" in self.head or text.count("\ufffd") > 0.05 * len(text)
 
 
 def _note_header_line(scan: LogScan, line: bytes) -> None:
@@ -314,9 +317,7 @@ def _iter_blocks(scan: LogScan, progress: Callable[[int], None] | None) -> Itera
             if not block:
                 break
             if scan.bytes_read == 0:
-                head = block[:65536]
-                scan.head_bytes = len(head)
-                scan.nul_bytes_in_head = head.count(0)
+                scan.head = block[:65536]
             scan.bytes_read += len(block)
             if progress is not None:
                 progress(len(block))

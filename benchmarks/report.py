@@ -107,15 +107,15 @@ def markdown_summary(runs: list[RunResult], mfus: list[Mfu | None], plots: list[
     return "\n".join(lines) + "\n"
 
 
-def _shade_excluded(ax, run: RunResult, color) -> None:
-    """Shade the steps the rule leaves out of the mean (first and last edge steps)."""
+def _shade_excluded(ax, run: RunResult, color, done: set) -> None:
+    """Shade the steps the rule leaves out of the mean (first and last edge steps), each span once."""
     if run.table is None or not run.steps_used:
         return
     steps = run.table.steps
-    if run.window_first_step != steps[0]:
-        ax.axvspan(steps[0], run.window_first_step, color=color, alpha=0.12, lw=0)
-    if run.window_last_step != steps[-1]:
-        ax.axvspan(run.window_last_step, steps[-1], color=color, alpha=0.12, lw=0)
+    for span in ((steps[0], run.window_first_step), (run.window_last_step, steps[-1])):
+        if span[0] != span[1] and span not in done:
+            done.add(span)
+            ax.axvspan(*span, color=color, alpha=0.12, lw=0)
 
 
 def _series(run: RunResult, column: str):
@@ -145,6 +145,7 @@ def write_plots(runs: list[RunResult], out_dir: Path) -> list[Path]:
     ):
         fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
         drawn = False
+        shaded: set = set()
         for i, (label, run) in enumerate(zip(labels, runs)):
             color = f"C{i % 10}"
             xs, ys = getter(run)
@@ -152,7 +153,7 @@ def write_plots(runs: list[RunResult], out_dir: Path) -> list[Path]:
                 continue
             drawn = True
             ax.plot(xs, ys, color=color, lw=1.2, label=label, marker="." if len(xs) < 60 else None)
-            _shade_excluded(ax, run, color)
+            _shade_excluded(ax, run, color, shaded)
             if name == "tokens_per_sec.png" and run.tokens_per_sec_per_gpu_mean is not None:
                 ax.axhline(run.tokens_per_sec_per_gpu_mean, color=color, ls="--", lw=0.8,
                            label=f"{label} mean {run.tokens_per_sec_per_gpu_mean:,.0f}")
