@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "qwen_pretrain.preprocessing.cli",
     "qwen_pretrain.preprocessing.tokenizer_cli",
     "qwen_pretrain.benchmarks.cli",
+    "qwen_pretrain.launch.launcher",
 )
 
 
