@@ -45,14 +45,25 @@ def test_ruff_clean(repo_root: Path) -> None:
 def test_runs_from_a_checkout_without_installing(repo_root: Path, tmp_path: Path) -> None:
     """Inside the NGC image a checkout named `qwen_pretrain` on PYTHONPATH is enough.
 
-    `python -S` leaves site-packages (and with it our editable install) out, so this proves
-    the package imports from the checkout alone.
+    `python -S` skips site processing, so the `.pth` hook of our editable install never runs;
+    site-packages is put back as a plain path entry for the third-party libraries (the image
+    has its own), which does not process `.pth` files.
     """
+    import sysconfig
+
     (tmp_path / "qwen_pretrain").symlink_to(repo_root, target_is_directory=True)
+    code = (
+        "import qwen_pretrain, runpy, sys; print('PKG', list(qwen_pretrain.__path__)); "
+        "sys.argv = ['qwen-pretrain', 'recipes', 'show', 'qwen25_72b']; "
+        "runpy.run_module('qwen_pretrain.launch.cli', run_name='__main__')"
+    )
     done = subprocess.run(
-        [sys.executable, "-S", "-m", "qwen_pretrain.launch.cli", "recipes", "show", "qwen25_72b"],
-        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        [sys.executable, "-S", "-c", code],
+        cwd=tmp_path,
+        env={"PYTHONPATH": f"{tmp_path}:{sysconfig.get_paths()['purelib']}", "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
+    paths = eval(done.stdout.split("PKG ", 1)[1].splitlines()[0])  # the printed list
+    assert paths and all(p == str(tmp_path / "qwen_pretrain") for p in paths), paths
     assert "TP=8 PP=4 VPP=5" in done.stdout
