@@ -26,6 +26,7 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 
 FORMATS: tuple[str, ...] = ("nemo", "megatron", "bridge", "mindspeed", "nanotron", "ours")
@@ -71,7 +72,7 @@ VALUE_FIELDS: tuple[str, ...] = (
     "loss", "step_time_s", "tokens_per_sec_per_gpu", "tflops_per_gpu",
     "global_batch_size", "seq_length", "lr", "val_loss",
 )
-STEP_COLUMN = -1
+STEP_COLUMN = len(VALUE_FIELDS)  # a record's step rides in one slot past its values
 INT_FIELDS = frozenset({"global_batch_size", "seq_length"})
 
 
@@ -81,20 +82,23 @@ class LineFamily:
 
     name: str
     keys: dict[str, tuple[str, float]]
-    # b"key" -> (column in VALUE_FIELDS or STEP_COLUMN, scale), for the hot loop.
-    columns: dict[bytes, tuple[int, float]] = field(init=False, repr=False, compare=False)
+    # b"key" -> column in VALUE_FIELDS or STEP_COLUMN; (column, scale) where scale != 1.
+    column_of: dict[bytes, int] = field(init=False, repr=False, compare=False)
+    scaled: tuple[tuple[int, float], ...] = field(init=False, repr=False, compare=False)
     # `| key: value` for this family's keys only: a key counts only right after a `|`, so
     # `lm loss` never matches inside another field's name. One C-level findall per record.
     pattern: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        columns = {
-            key.encode(): (STEP_COLUMN if name == "step" else VALUE_FIELDS.index(name), scale)
-            for key, (name, scale) in self.keys.items()
+        column_of = {
+            key.encode(): STEP_COLUMN if name == "step" else VALUE_FIELDS.index(name)
+            for key, (name, _) in self.keys.items()
         }
-        alternation = b"|".join(re.escape(k) for k in sorted(columns, key=len, reverse=True))
+        scaled = tuple(sorted({(column_of[key.encode()], scale) for key, (_, scale) in self.keys.items() if scale != 1.0}))
+        alternation = b"|".join(re.escape(k) for k in sorted(column_of, key=len, reverse=True))
         pattern = re.compile(rb"\|[ \t]*(" + alternation + rb")[ \t]*:([^|]*)")
-        object.__setattr__(self, "columns", columns)
+        object.__setattr__(self, "column_of", column_of)
+        object.__setattr__(self, "scaled", scaled)
         object.__setattr__(self, "pattern", pattern)
 
 
@@ -167,29 +171,91 @@ RawRecord = tuple[int, int, list]  # (step, line number, values in VALUE_FIELDS 
 # A raw record's values start as this very object: `value is ABSENT` tells "not printed" from a
 # printed `nan` (a different float object), so the hot loop needs no None -> NaN pass.
 ABSENT = float("nan")
+_ALL_COLUMNS = range(len(VALUE_FIELDS) + 1)
+_ABSENT_ROW = (ABSENT,) * (len(VALUE_FIELDS) + 1)
 
 
-def _parse_values(family: LineFamily, segment: bytes, iteration: int, line_no: int) -> RawRecord | None:
-    """The record's fields by key; None when none of the family's keys is there (not a step line)."""
-    values = [ABSENT] * len(VALUE_FIELDS)
-    step = iteration
-    found = False
-    columns = family.columns
-    for key, raw in family.pattern.findall(segment):
-        try:
-            value = float(raw)  # the common case; float() ignores surrounding whitespace
-        except ValueError:
-            value = parse_number(raw)  # K/M suffixes, a glued record after the number
-            if value is None:
-                continue
-        column, scale = columns[key]
-        if column == STEP_COLUMN:
-            if math.isfinite(value):
-                step = int(round(value))  # `global_step: 3.1e+4`
-            continue
-        values[column] = value * scale
-        found = True
-    return (step, line_no, values) if found else None
+def _slow_columns(family: LineFamily, keys: tuple[bytes, ...], raws: tuple[bytes, ...]) -> dict[int, float]:
+    """The per-field path for values plain float() rejects: `12.9K`, `3.624[rank0]: ...`."""
+    out = {}
+    for key, raw in zip(keys, raws):
+        value = parse_number(raw)
+        if value is not None:
+            out[family.column_of[key]] = value
+    return out
+
+
+def _parse_values(family: LineFamily, segment: bytes, iteration: bytes, line_no: int) -> RawRecord | None:
+    """The record's fields by key; None when none of the family's keys is there (not a step line).
+
+    The common case runs as a chain of C-level calls (findall, map(float), dict, map(dict.get)):
+    a few microseconds a record, which is what makes 1 GB logs quick.
+    """
+    pairs = family.pattern.findall(segment)
+    if not pairs:
+        return None
+    keys, raws = zip(*pairs)
+    try:
+        by_column = dict(zip(map(family.column_of.__getitem__, keys), map(float, raws)))
+    except ValueError:  # K/M suffixes, a glued record right after a number
+        by_column = _slow_columns(family, keys, raws)
+    if len(by_column) - (STEP_COLUMN in by_column) == 0:
+        return None
+    values = list(map(by_column.get, _ALL_COLUMNS, _ABSENT_ROW))
+    step = values.pop()  # the STEP_COLUMN slot
+    step = int(round(step)) if step is not ABSENT and math.isfinite(step) else int(iteration)  # `3.1e+4`
+    for column, scale in family.scaled:
+        if values[column] is not ABSENT:
+            values[column] *= scale
+    return step, line_no, values
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The exact field sequence of a step line already parsed, compiled for the fast path.
+
+    A record takes it only if it has the same keys in the same places (a full match), so values
+    are still taken by key; any other record goes through `_parse_values`. A log has one or two
+    layouts (e.g. with and without `val_loss`); learning them makes big logs twice as fast.
+    """
+
+    fullmatch: Callable[[bytes], re.Match[bytes] | None]
+    step_pos: int | None  # group holding the global step; None: use the iteration number
+    getter: Callable[[list[float]], tuple[float, ...]]  # groups + [ABSENT] -> VALUE_FIELDS order
+    scaled: tuple[tuple[int, float], ...]  # (group, scale)
+
+
+MAX_LAYOUTS = 4
+
+
+def learn_layout(family: LineFamily, segment: bytes) -> Layout | None:
+    """The layout of `segment` (the text after `iteration N/M`), or None if it has none usable."""
+    fields = segment.split(b"|")
+    if fields[0].strip():
+        return None
+    if fields[-1].strip() == b"":
+        fields.pop()  # Megatron-LM ends its line with `|`
+    parts, columns = [rb"[ \t]*"], []
+    for f in fields[1:]:
+        key, sep, _ = f.partition(b":")
+        key = key.strip()
+        if not sep or not key:
+            return None
+        part = rb"\|[ \t]*" + re.escape(key) + rb"[ \t]*:"
+        if key in family.column_of:
+            parts.append(part + rb"([^|]*)")
+            columns.append(family.column_of[key])
+        else:
+            parts.append(part + rb"[^|]*")
+    if len(set(columns)) != len(columns) or not set(columns) - {STEP_COLUMN}:
+        return None
+    pattern = re.compile(b"".join(parts) + rb"(?:\|[ \t]*)?")
+    absent = len(columns)  # index of the ABSENT appended after the groups
+    getter = itemgetter(*(columns.index(c) if c in columns else absent for c in range(len(VALUE_FIELDS))))
+    scale = dict(family.scaled)
+    scaled = tuple((i, scale[c]) for i, c in enumerate(columns) if c in scale)
+    step_pos = columns.index(STEP_COLUMN) if STEP_COLUMN in columns else None
+    return Layout(pattern.fullmatch, step_pos, getter, scaled)
 
 
 def _record(raw: RawRecord) -> StepRecord:
@@ -205,7 +271,7 @@ def _record(raw: RawRecord) -> StepRecord:
 
 
 def _parse_record(family: LineFamily, segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
-    raw = _parse_values(family, segment, iteration, line_no)
+    raw = _parse_values(family, segment, str(iteration).encode(), line_no)
     return _record(raw) if raw is not None else None
 
 
@@ -347,14 +413,14 @@ def iter_records(
     `fmt` is one of FORMATS or "auto": auto takes the family of the first step line it meets
     (and the markers printed before it) and keeps it for the whole log.
     """
-    scan, raw = iter_raw_records(path, fmt, progress)
-    return scan, (_record(r) for r in raw)
+    scan, batches = iter_raw_records(path, fmt, progress)
+    return scan, (_record(r) for batch in batches for r in batch.records())
 
 
 def iter_raw_records(
     path: str | Path, fmt: str = "auto", progress: Callable[[int], None] | None = None
-) -> tuple[LogScan, Iterator[RawRecord]]:
-    """iter_records without the StepRecord objects: (step, line_no, values) for the hot path."""
+) -> tuple[LogScan, Iterator[Batch]]:
+    """iter_records for the hot path: one Batch of raw records per block read."""
     scan = LogScan(Path(path), fmt)
     if fmt != "auto":
         scan.family = FAMILY_OF_FORMAT[fmt]
@@ -365,47 +431,113 @@ def iter_raw_records(
 RECORD_LINE = re.compile(rb"iteration(:?)[ \t]*(\d+)[ \t]*/[ \t]*(\d+)([^\n\r]*)")
 
 
-def _records(scan: LogScan, progress: Callable[[int], None] | None) -> Iterator[RawRecord]:
-    """Step records, found with one regex scan per block: lines without a record cost no Python."""
+def _segments(m: re.Match[bytes]) -> list[tuple[bytes, bytes, bytes]]:
+    """(colon, iteration, fields) of each record on the matched line: usually one; more when
+    records were glued together on one line (cut at each further `iteration N/M`)."""
+    colon, iteration, _, rest = m.groups()
+    subs = list(RECORD_START.finditer(rest)) if b"iteration" in rest else ()
+    if not subs:
+        return [(colon, iteration, rest)]
+    out = [(colon, iteration, rest[:subs[0].start()])]
+    for i, sub in enumerate(subs):
+        end = subs[i + 1].start() if i + 1 < len(subs) else len(rest)
+        out.append((sub.group(1), sub.group(2), rest[sub.end():end]))
+    return out
+
+
+def _detect(scan: LogScan, colon: bytes, segment: bytes) -> LineFamily | None:
+    """auto: the first step line decides the family (and the markers it carries) for the whole log."""
+    family = family_of_record(segment, bool(colon))
+    if family is None:
+        return None
+    scan.family = family
+    if b"gloabl" in segment:
+        scan.markers.add("mindspeed")
+    if family is NEMO_FAMILY and (b"| tflops_per_gpu:" in segment or b"| mfu:" in segment):
+        scan.markers.add("ours")  # fields our trainer adds after NeMo's
+    return family
+
+
+@dataclass
+class Batch:
+    """The records of one block, column-wise: steps, line numbers, values row after row."""
+
+    steps: list[int] = field(default_factory=list)
+    line_nos: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)  # len(VALUE_FIELDS) per record, ABSENT = not printed
+
+    def add(self, record: RawRecord) -> None:
+        self.steps.append(record[0])
+        self.line_nos.append(record[1])
+        self.values.extend(record[2])
+
+    def records(self) -> Iterator[RawRecord]:
+        width = len(VALUE_FIELDS)
+        for i, (step, line_no) in enumerate(zip(self.steps, self.line_nos)):
+            yield step, line_no, self.values[i * width:(i + 1) * width]
+
+
+def _records(scan: LogScan, progress: Callable[[int], None] | None) -> Iterator[Batch]:
+    """Step records, a Batch per block, found with one regex scan per block: lines without a
+    record cost no Python; until the first step, the lines are read for markers and hints."""
     seen_step = False
     lines_before_block = 0
+    layouts: list[Layout] = []
     for block in _iter_blocks(scan, progress):
         if b"\x1b" in block:
             block = ANSI_ESCAPE.sub(b"", block)  # colours may sit between key and value
+        batch = Batch()
+        steps_append, lines_append, values_extend = batch.steps.append, batch.line_nos.append, batch.values.extend
         line_no, counted_to, header_from = lines_before_block + 1, 0, 0
+        count = block.count
         for m in RECORD_LINE.finditer(block):
             start = m.start()
-            line_no += block.count(b"\n", counted_to, start)
+            line_no += count(b"\n", counted_to, start)
             counted_to = start
+            rest = m.group(4)
+            # (Megatron-LM's fields say "iteration" too: only a second `iteration N/M` is a glued record.)
+            if seen_step and not (b"iteration" in rest and RECORD_START.search(rest)):
+                # The fast path: a layout seen before (the same keys in the same places).
+                shape_known = done = False
+                for layout in layouts:
+                    fm = layout.fullmatch(rest)
+                    if fm is None:
+                        continue
+                    shape_known = True
+                    groups = fm.groups()
+                    try:
+                        numbers = list(map(float, groups))
+                    except ValueError:  # `12.9K`, or a glued record right after a number
+                        numbers = list(map(parse_number, groups))
+                        if None in numbers:
+                            break
+                    for i, scale in layout.scaled:
+                        numbers[i] *= scale
+                    step = numbers[layout.step_pos] if layout.step_pos is not None else ABSENT
+                    numbers.append(ABSENT)
+                    steps_append(int(round(step)) if math.isfinite(step) else int(m.group(2)))
+                    lines_append(line_no)
+                    values_extend(layout.getter(numbers))
+                    done = True
+                    break
+                if not done:  # the by-key path, then learn this line's layout
+                    record = _parse_values(scan.family, rest, m.group(2), line_no)
+                    if record is not None:
+                        batch.add(record)
+                        if not shape_known and len(layouts) < MAX_LAYOUTS:
+                            if (layout := learn_layout(scan.family, rest)) is not None:
+                                layouts.append(layout)
+                continue
             if not seen_step:
                 _note_header(scan, block[header_from:start])
                 header_from = m.end()
-            colon, iteration, _, rest = m.groups()
-            if b"iteration" in rest and (subs := list(RECORD_START.finditer(rest))):
-                # Two records glued on one line: cut at each further record start.
-                records = [(colon, iteration, rest[:subs[0].start()])]
-                for i, sub in enumerate(subs):
-                    end = subs[i + 1].start() if i + 1 < len(subs) else len(rest)
-                    records.append((sub.group(1), sub.group(2), rest[sub.end():end]))
-            else:
-                records = ((colon, iteration, rest),)
-            for colon, iteration, segment in records:
-                family = scan.family
-                if family is None:
-                    # auto: the first step line decides the family for the whole log.
-                    family = family_of_record(segment, bool(colon))
-                    if family is None:
-                        continue
-                    scan.family = family
-                    if b"gloabl" in segment:
-                        scan.markers.add("mindspeed")
-                    if family is NEMO_FAMILY and (b"| tflops_per_gpu:" in segment or b"| mfu:" in segment):
-                        scan.markers.add("ours")  # fields our trainer adds after NeMo's
-                record = _parse_values(family, segment, int(iteration), line_no)
-                if record is not None:
+            for colon, iteration, segment in _segments(m):
+                family = scan.family or _detect(scan, colon, segment)
+                if family is not None and (record := _parse_values(family, segment, iteration, line_no)) is not None:
                     seen_step = True
-                    yield record
+                    batch.add(record)
         if not seen_step:
             _note_header(scan, block[header_from:])
-        lines_before_block += block.count(b"\n")
+        lines_before_block += count(b"\n")
+        yield batch
     scan.lines = lines_before_block

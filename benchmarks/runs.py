@@ -12,10 +12,18 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
+from operator import lt
 from pathlib import Path
 
 import numpy as np
-from qwen_pretrain.benchmarks.logparse import MEGATRON_FAMILY, NANOTRON_FAMILY, VALUE_FIELDS, iter_raw_records
+from qwen_pretrain.benchmarks.logparse import (
+    MEGATRON_FAMILY,
+    NANOTRON_FAMILY,
+    VALUE_FIELDS,
+    Batch,
+    iter_raw_records,
+)
 from qwen_pretrain.recipes.errors import UserError
 
 DEFAULT_SKIP_FIRST = 10
@@ -73,6 +81,18 @@ class StepTable:
         else:  # an earlier step printed late (rare): keep the table sorted
             steps.insert(i, step)
             self.data[i * width:i * width] = array("d", row)
+
+    def add_batch(self, batch: Batch) -> None:
+        """A block's records; steps that only go up (the usual case) are appended in one go."""
+        steps = batch.steps
+        if not steps:
+            return
+        if (not self.steps or steps[0] > self.steps[-1]) and all(map(lt, steps, islice(steps, 1, None))):
+            self.steps.extend(steps)
+            self.data.extend(batch.values)
+            return
+        for step, line_no, row in batch.records():
+            self.put(step, line_no, row)
 
     def column(self, name: str) -> np.ndarray:
         """A copy of one column as float64 (NaN = absent)."""
@@ -170,9 +190,8 @@ def parse_run(
     p = check_log_path(path)
     scan, records = iter_raw_records(p, fmt, progress)
     table = StepTable()
-    put = table.put
-    for step, line_no, values in records:
-        put(step, line_no, values)
+    for batch in records:
+        table.add_batch(batch)
     warnings: list[str] = []
     fmt_name = scan.format
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -361,3 +362,24 @@ def test_megatron_without_derivation_inputs_has_no_mean(tmp_path):
     run = parse_run(path)
     assert run.tokens_per_sec_per_gpu_mean is None and not run.tokens_per_sec_per_gpu_derived
     assert any("--seq-length, --gpus" in w for w in run.warnings)
+
+
+def test_fast_path_layouts_give_the_same_table_as_the_by_key_path(tmp_path, monkeypatch):
+    """Learned line layouts are only a shortcut: with them switched off every value is the same."""
+    from qwen_pretrain.benchmarks import logparse
+
+    steps = steps_of(40)
+    text = "\n".join(nemo_line(s) for s in steps[:20])
+    text += "\n" + "\n".join(nemo_line(replace(s, val_loss=3.5)) for s in steps[20:30])  # a 2nd layout
+    text += "\n" + "\n".join(megatron_line(s).replace("lm loss", "other") for s in steps[30:32])  # not NeMo
+    text += "\n" + "\n".join(nemo_line(s).replace("| lr:", "| lr: 12.9K | x:") for s in steps[30:40])  # suffix, extra field
+    logs = [write(tmp_path / "mixed.log", text)]
+    logs += [write_run(tmp_path / f"{fmt}.log", fmt, steps_of(30), noise_every=3) for fmt in FORMATS]
+    for path in logs:
+        fast = parse_run(path, allow_short=True, derivation=Derivation(seq_length=4096, gpus=8))
+        monkeypatch.setattr(logparse, "MAX_LAYOUTS", 0)
+        slow = parse_run(path, allow_short=True, derivation=Derivation(seq_length=4096, gpus=8))
+        monkeypatch.undo()
+        assert list(fast.table.steps) == list(slow.table.steps), path.name
+        assert fast.table.data.tobytes() == slow.table.data.tobytes(), path.name
+        assert fast.to_json() == slow.to_json()
