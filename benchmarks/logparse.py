@@ -458,6 +458,32 @@ def _detect(scan: LogScan, colon: bytes, segment: bytes) -> LineFamily | None:
     return family
 
 
+def _parse_with_layouts(family: LineFamily, layouts: list[Layout], rest: bytes, iteration: bytes,
+                        line_no: int) -> tuple[RawRecord | None, bool]:
+    """The record through any later layout, else by key (then its layout is learned).
+    Returns (record, whether a layout was learned)."""
+    for layout in layouts[1:]:
+        fm = layout.fullmatch(rest)
+        if fm is None:
+            continue
+        numbers = list(map(parse_number, fm.groups()))
+        if None in numbers:
+            break
+        for i, scale in layout.scaled:
+            numbers[i] *= scale
+        step = ABSENT if layout.step_pos is None else numbers[layout.step_pos]
+        numbers.append(ABSENT)
+        step = int(round(step)) if math.isfinite(step) else int(iteration)
+        return (step, line_no, list(layout.getter(numbers))), False
+    record = _parse_values(family, rest, iteration, line_no)
+    if record is None or len(layouts) >= MAX_LAYOUTS or any(lay.fullmatch(rest) for lay in layouts):
+        return record, False
+    layout = learn_layout(family, rest)
+    if layout is not None:
+        layouts.append(layout)
+    return record, layout is not None
+
+
 @dataclass
 class Batch:
     """The records of one block, column-wise: steps, line numbers, values row after row."""
@@ -483,6 +509,9 @@ def _records(scan: LogScan, progress: Callable[[int], None] | None) -> Iterator[
     seen_step = False
     lines_before_block = 0
     layouts: list[Layout] = []
+    first_match = first_step_pos = first_getter = None
+    first_scaled: tuple = ()
+    isfinite = math.isfinite
     for block in _iter_blocks(scan, progress):
         if b"\x1b" in block:
             block = ANSI_ESCAPE.sub(b"", block)  # colours may sit between key and value
@@ -497,36 +526,29 @@ def _records(scan: LogScan, progress: Callable[[int], None] | None) -> Iterator[
             rest = m.group(4)
             # (Megatron-LM's fields say "iteration" too: only a second `iteration N/M` is a glued record.)
             if seen_step and not (b"iteration" in rest and RECORD_START.search(rest)):
-                # The fast path: a layout seen before (the same keys in the same places).
-                shape_known = done = False
-                for layout in layouts:
-                    fm = layout.fullmatch(rest)
-                    if fm is None:
-                        continue
-                    shape_known = True
+                # The fast path: the first layout learned (nearly every line of a log), unrolled.
+                if first_match is not None and (fm := first_match(rest)) is not None:
                     groups = fm.groups()
                     try:
                         numbers = list(map(float, groups))
                     except ValueError:  # `12.9K`, or a glued record right after a number
                         numbers = list(map(parse_number, groups))
-                        if None in numbers:
-                            break
-                    for i, scale in layout.scaled:
-                        numbers[i] *= scale
-                    step = numbers[layout.step_pos] if layout.step_pos is not None else ABSENT
-                    numbers.append(ABSENT)
-                    steps_append(int(round(step)) if math.isfinite(step) else int(m.group(2)))
-                    lines_append(line_no)
-                    values_extend(layout.getter(numbers))
-                    done = True
-                    break
-                if not done:  # the by-key path, then learn this line's layout
-                    record = _parse_values(scan.family, rest, m.group(2), line_no)
-                    if record is not None:
-                        batch.add(record)
-                        if not shape_known and len(layouts) < MAX_LAYOUTS:
-                            if (layout := learn_layout(scan.family, rest)) is not None:
-                                layouts.append(layout)
+                    if None not in numbers:
+                        for i, scale in first_scaled:
+                            numbers[i] *= scale
+                        step = ABSENT if first_step_pos is None else numbers[first_step_pos]
+                        numbers.append(ABSENT)
+                        steps_append(int(round(step)) if isfinite(step) else int(m.group(2)))
+                        lines_append(line_no)
+                        values_extend(first_getter(numbers))
+                        continue
+                record, learned = _parse_with_layouts(scan.family, layouts, rest, m.group(2), line_no)
+                if record is not None:
+                    batch.add(record)
+                if learned and len(layouts) == 1:
+                    first = layouts[0]
+                    first_match, first_step_pos, first_getter, first_scaled = (
+                        first.fullmatch, first.step_pos, first.getter, first.scaled)
                 continue
             if not seen_step:
                 _note_header(scan, block[header_from:start])

@@ -24,6 +24,7 @@ class Mfu:
     recipe: str
     gpu: str
     seq_length: int
+    seq_length_from: str  # "--seq-length", "the log" or "the recipe"
     flops_per_token: float
     peak_tflops: float
     model_tflops_per_gpu: float | None
@@ -39,11 +40,12 @@ def compute_mfu(run: RunResult, recipe_name: str, gpu_name: str, seq_length: int
     recipe = get_recipe(recipe_name)
     gpu = get_gpu(gpu_name)
     seq = seq_length or run.seq_length or recipe.training.seq_length
+    seq_from = "--seq-length" if seq_length else "the log" if run.seq_length else "the recipe"
     fpt = flops_per_token(recipe.model, seq)
     tps = run.tokens_per_sec_per_gpu_mean
     model_tflops = tps * fpt / 1e12 if tps is not None else None
     mfu = model_tflops / gpu.peak_bf16_tflops if model_tflops is not None else None
-    return Mfu(recipe.name, gpu.name, seq, fpt, gpu.peak_bf16_tflops, model_tflops, mfu)
+    return Mfu(recipe.name, gpu.name, seq, seq_from, fpt, gpu.peak_bf16_tflops, model_tflops, mfu)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -97,8 +99,9 @@ def markdown_summary(runs: list[RunResult], mfus: list[Mfu | None], plots: list[
     m = next((m for m in mfus if m is not None), None)
     if m is not None:
         lines += ["", f"MFU: recipe `{m.recipe}`, GPU `{m.gpu}` (dense BF16 peak {m.peak_tflops:g} TFLOP/s), "
-                  f"{m.flops_per_token / 1e9:.2f} GFLOP per token at seq length {m.seq_length} "
-                  "(Megatron-LM's FLOPs accounting, forward + backward)."]
+                  f"{m.flops_per_token / 1e9:.2f} GFLOP per token at seq length {m.seq_length} (from "
+                  f"{m.seq_length_from}{'; pass --seq-length if the run used another' if m.seq_length_from == 'the recipe' else ''}), "
+                  "Megatron-LM's FLOPs accounting (forward + backward)."]
     for label, r in zip(labels, runs):
         if r.warnings:
             lines += ["", f"Warnings for {label}:"] + [f"- {w}" for w in r.warnings]

@@ -246,3 +246,14 @@ def test_console_script_runs_bench(venv_bin, run_log):
     assert proc.returncode == 0, proc.stderr
     obj = json.loads(proc.stdout)
     assert obj["format"] == "nemo" and math.isfinite(obj["tokens_per_sec_per_gpu_mean"])
+
+
+def test_parse_bench_script_runs_and_agrees_with_the_baseline(capsys):
+    """The speed script end to end on small logs (figures are printed, never asserted)."""
+    from qwen_pretrain.benchmarks import parse_bench
+
+    assert parse_bench.main(["--sizes-mb", "1", "--kinds", "dense,noisy"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("dense", "noisy"))]
+    assert len(rows) == 2
+    assert all(row.split()[-1] == "yes" for row in rows), out  # same mean as the naive findall
