@@ -1,15 +1,20 @@
-"""Streaming parsers for training logs: one parse function per log format.
+"""Streaming parsers for training logs: each format's fields as data, one engine to read them.
 
-A training log is read in binary blocks and split into lines, so memory stays flat however big
-the log is, and non-UTF-8 bytes never stop the parser (numbers and keys are ASCII; text is only
-decoded, with errors="replace", for messages). Every line is handled the same way:
+`parse_line(line, fmt)` parses one line; `iter_records(path, fmt)` streams a whole log.
 
-  1. `\\r` (progress bars) counts as a line break; ANSI colour codes are removed;
-  2. a line is cut into records at each `iteration N/M` (two records glued on one line);
-  3. each record is parsed BY KEY (`key: value` after a `|`), never by position, so fields may
-     come in any order or be missing; values may use scientific notation (`6.706e+03`,
-     `global_step: 3.1e+4`) or K/M/B/T suffixes (`12.9K`, nanotron's human format);
-  4. anything before the record start (`[rank3]:`, `[default0]:`, timestamps) is ignored.
+A log is read in 4 MiB blocks of whole lines, so memory stays flat however big the log is, and
+non-UTF-8 bytes never stop the parser (keys and numbers are ASCII). In each block:
+
+  1. one regex scan finds every step record, `iteration N/M ...` up to the end of its line or a
+     `\r` (progress bars); lines without a record cost no Python at all; ANSI colours are removed;
+  2. a line holding a second `iteration N/M` is cut there (two records glued on one line);
+  3. each record is parsed BY KEY (`| key: value`), never by position, so fields may come in
+     any order or be missing; values may use scientific notation (`6.706e+03`,
+     `global_step: 3.1e+4`), K/M/B/T suffixes (`12.9K`, nanotron's human format) or `nan`;
+     a line with exactly the keys of an earlier line, in the same places, takes a compiled
+     shortcut (`Layout`) that gives the same values faster;
+  4. anything before the record start (`[rank3]:`, `[default0]:`, timestamps) is ignored;
+     lines before the first step are read for format markers and Megatron's argument dump.
 
 Formats (see REFERENCE.md section 4):
   nemo       NeMo 2: `Training epoch 0, iteration 528/999 | lr: ... | global_step: 528 | ...`
@@ -270,45 +275,24 @@ def _record(raw: RawRecord) -> StepRecord:
     return StepRecord(step, line_no, **fields)
 
 
-def _parse_record(family: LineFamily, segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
-    raw = _parse_values(family, segment, str(iteration).encode(), line_no)
-    return _record(raw) if raw is not None else None
+def parse_line(line: str | bytes, fmt: str = "auto") -> list[StepRecord]:
+    """The step records on one log line (none, one, or several glued together), by format.
 
-
-# One parse function per format (dgxc-benchmarking style): a record segment that starts at
-# `iteration N/M` -> StepRecord. Formats of one family share the same keys.
-def parse_nemo(segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
-    return _parse_record(NEMO_FAMILY, segment, iteration, line_no)
-
-
-def parse_ours(segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
-    return _parse_record(NEMO_FAMILY, segment, iteration, line_no)
-
-
-def parse_megatron(segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
-    return _parse_record(MEGATRON_FAMILY, segment, iteration, line_no)
-
-
-def parse_bridge(segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
-    return _parse_record(MEGATRON_FAMILY, segment, iteration, line_no)
-
-
-def parse_mindspeed(segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
-    return _parse_record(MEGATRON_FAMILY, segment, iteration, line_no)
-
-
-def parse_nanotron(segment: bytes, iteration: int, line_no: int) -> StepRecord | None:
-    return _parse_record(NANOTRON_FAMILY, segment, iteration, line_no)
-
-
-PARSERS: dict[str, Callable[[bytes, int, int], StepRecord | None]] = {
-    "nemo": parse_nemo,
-    "ours": parse_ours,
-    "megatron": parse_megatron,
-    "bridge": parse_bridge,
-    "mindspeed": parse_mindspeed,
-    "nanotron": parse_nanotron,
-}
+    The formats are data (the LineFamily key tables above) read by one engine; a format's
+    "parse function" is this one with its name. `iter_records` does the same for a whole file.
+    """
+    if isinstance(line, str):
+        line = line.encode("utf-8", errors="replace")
+    line = ANSI_ESCAPE.sub(b"", line)
+    out = []
+    for piece in line.split(b"\r"):
+        for m in RECORD_LINE.finditer(piece):
+            for colon, iteration, segment in _segments(m):
+                family = FAMILY_OF_FORMAT[fmt] if fmt != "auto" else family_of_record(segment, bool(colon))
+                raw = _parse_values(family, segment, iteration, 1) if family is not None else None
+                if raw is not None:
+                    out.append(_record(raw))
+    return out
 
 
 def family_of_record(segment: bytes, nanotron_colon: bool) -> LineFamily | None:

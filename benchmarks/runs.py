@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from qwen_pretrain.benchmarks.logparse import (
-    MEGATRON_FAMILY,
-    NANOTRON_FAMILY,
+    NEMO_FAMILY,
     VALUE_FIELDS,
     Batch,
     iter_raw_records,
@@ -277,10 +276,6 @@ def _tokens_per_sec(table: StepTable, scan, derivation: Derivation,
     logged = table.column("tokens_per_sec_per_gpu")
     if np.isfinite(logged).any():
         return logged, False, {}
-    if scan.family not in (MEGATRON_FAMILY, NANOTRON_FAMILY):
-        warnings.append("the log prints no tokens_per_sec_per_gpu (NeMo prints it only with "
-                        "TimingCallback(log_tokens_per_sec=True))")
-        return None, False, {}
     # Values from the command line win; then the log (step line, or Megatron-LM's argument dump).
     log_seq = table.column("seq_length")
     log_seq = log_seq[np.isfinite(log_seq)]
@@ -296,7 +291,9 @@ def _tokens_per_sec(table: StepTable, scan, derivation: Derivation,
     if not np.isfinite(gbs).any():
         missing.append("--global-batch-size")
     if missing:
-        warnings.append(f"the log prints no tokens/s: pass {', '.join(missing)} to derive "
+        why = (" (NeMo prints it only with TimingCallback(log_tokens_per_sec=True))"
+               if scan.family is NEMO_FAMILY else "")
+        warnings.append(f"the log prints no tokens/s{why}: pass {', '.join(missing)} to derive "
                         "tokens/s/GPU = seq length x global batch / step time / GPUs")
         return None, False, {}
     sources = []

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from qwen_pretrain.benchmarks.logparse import FORMATS, iter_records, parse_number
+from qwen_pretrain.benchmarks.logparse import FORMATS, iter_records, parse_line, parse_number
 from qwen_pretrain.benchmarks.runs import Derivation, averaging_window, parse_run
 from qwen_pretrain.benchmarks.synthetic import (
     Step,
@@ -383,3 +383,27 @@ def test_fast_path_layouts_give_the_same_table_as_the_by_key_path(tmp_path, monk
         assert list(fast.table.steps) == list(slow.table.steps), path.name
         assert fast.table.data.tobytes() == slow.table.data.tobytes(), path.name
         assert fast.to_json() == slow.to_json()
+
+
+def test_nemo_log_without_tokens_per_sec_can_be_derived(tmp_path):
+    """NeMo's plain TimingCallback prints no tokens/s: derive it when the user passes the inputs."""
+    steps = steps_of(25)
+    lines = [nemo_line(s).replace(f" | tokens_per_sec_per_gpu: {s.tokens_per_sec_per_gpu:.4}", "") for s in steps]
+    path = write(tmp_path / "plain.log", "\n".join(lines))
+    run = parse_run(path)
+    assert run.tokens_per_sec_per_gpu_mean is None
+    assert any("TimingCallback(log_tokens_per_sec=True)" in w and "--seq-length, --gpus" in w for w in run.warnings)
+    run = parse_run(path, derivation=Derivation(seq_length=4096, gpus=8))
+    assert run.tokens_per_sec_per_gpu_derived
+    assert run.tokens_per_sec_per_gpu_mean == pytest.approx(statistics.mean(s.tokens_per_sec_per_gpu for s in steps[10:15]), rel=1e-3)
+
+
+def test_parse_line_by_format():
+    [r] = parse_line(NEMO_SEED)
+    assert (r.step, r.loss, r.tokens_per_sec_per_gpu) == (528, 3.06, 6706.0)
+    [r] = parse_line(MINDSPEED_SEED, "mindspeed")
+    assert (r.step, r.global_batch_size, r.seq_length) == (11, 512, 2048)
+    glued = parse_line(NEMO_SEED + "[rank1]: " + NEMO_SEED.replace("global_step: 528", "global_step: 529"))
+    assert [r.step for r in glued] == [528, 529] and glued[0].val_loss == 3.624
+    assert parse_line("validation loss at iteration 500 | lm loss value: 3.1 |") == []
+    assert parse_line(MEGATRON_SEED, "nemo") == []  # the wrong format's keys find nothing
