@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen_pretrain.benchmarks.runs import RunResult, parse_run
+from qwen_pretrain.benchmarks.runs import RunResult, parse_run, steps_done
 from qwen_pretrain.recipes.errors import UserError
 
 EXIT_CODES = {"passed": 0, "failed": 1, "unusable": 2}
@@ -27,6 +27,7 @@ class Baseline:
     final_loss: float | None = None
     final_step: int | None = None
     tokens_per_sec_per_gpu_mean: float | None = None
+    format: str | None = None  # to line steps up across frameworks (see runs.steps_done)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ def _baseline_from_json(path: Path) -> Baseline:
     obj = objs[0]
     if obj.get("final_loss") is None and obj.get("tokens_per_sec_per_gpu_mean") is None:
         raise UserError(f"{path}: has neither final_loss nor tokens_per_sec_per_gpu_mean")
-    return Baseline(str(path), obj.get("final_loss"), obj.get("final_step"), obj.get("tokens_per_sec_per_gpu_mean"))
+    return Baseline(str(path), obj.get("final_loss"), obj.get("final_step"), obj.get("tokens_per_sec_per_gpu_mean"),
+                    obj.get("format"))
 
 
 def load_baseline(spec: str, **parse_kwargs) -> Baseline:
@@ -91,7 +93,7 @@ def load_baseline(spec: str, **parse_kwargs) -> Baseline:
     run = parse_run(path, **parse_kwargs)
     if not run.usable:
         raise UserError(f"--baseline {spec}: unusable baseline log: {run.reason}", exit_code=2)
-    return Baseline(str(path), run.final_loss, run.final_step, run.tokens_per_sec_per_gpu_mean)
+    return Baseline(str(path), run.final_loss, run.final_step, run.tokens_per_sec_per_gpu_mean, run.format)
 
 
 def _rel(value: float, base: float) -> float:
@@ -115,8 +117,10 @@ def accept(run: RunResult, baseline: Baseline, loss_tol: float = 0.05,
         note = f"baseline {baseline.source} has no usable final loss ({base_loss})"
         problems.append(note)
         checks.append(Check("final loss", run.final_loss, base_loss, None, loss_tolerance, "UNUSABLE", note))
-    elif baseline.final_step is not None and baseline.final_step != run.final_step:
-        note = f"run ends at step {run.final_step}, the baseline at step {baseline.final_step}"
+    elif baseline.final_step is not None and (
+            steps_done(baseline.format or run.format, baseline.final_step) != steps_done(run.format, run.final_step)):
+        note = (f"run ends at step {run.final_step} ({run.format}), the baseline at step {baseline.final_step}"
+                f"{f' ({baseline.format})' if baseline.format else ''}")
         problems.append(note)
         checks.append(Check("final loss", run.final_loss, base_loss, None, loss_tolerance, "UNUSABLE", note))
     else:
@@ -182,9 +186,11 @@ def compare_runs(a: RunResult, b: RunResult) -> Comparison:
     """Loss curves of two runs on their common steps: Pearson correlation, worst relative gap."""
     if a.table is None or b.table is None:
         raise UserError("compare needs parsed logs, not JSON summaries")
+    # Steps lined up as steps completed (NeMo counts from 0, Megatron-LM from 1); reported in A's numbering.
+    shift = steps_done(b.format, 0) - steps_done(a.format, 0)
     la = dict(zip(a.table.steps, a.table.column("loss")))
-    pairs = [(s, la[s], lb) for s, lb in zip(b.table.steps, b.table.column("loss"))
-             if s in la and math.isfinite(la[s]) and math.isfinite(lb)]
+    pairs = [(s + shift, la[s + shift], lb) for s, lb in zip(b.table.steps, b.table.column("loss"))
+             if s + shift in la and math.isfinite(la[s + shift]) and math.isfinite(lb)]
     corr = worst = worst_step = None
     if len(pairs) >= 2:
         xs = [p[1] for p in pairs]

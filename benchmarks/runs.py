@@ -46,6 +46,13 @@ def averaging_window(n_steps: int, skip_first: int = DEFAULT_SKIP_FIRST,
     return slice(skip_first, n_steps - skip_last)
 
 
+def steps_done(fmt: str, step: int) -> int:
+    """Training steps completed when a format prints `step`: NeMo's global_step (and ours) counts
+    from 0, Megatron-LM's and nanotron's iteration from 1. Used to line runs of different
+    frameworks up: NeMo step 999 and Megatron-LM iteration 1000 both end a 1000-step run."""
+    return step + 1 if fmt in ("nemo", "ours") else step
+
+
 class StepTable:
     """Per-step values sorted by step; a step seen again replaces the earlier values.
 

@@ -146,14 +146,15 @@ def test_accept_unusable_logs_exit_2(capsys, tmp_path):
     early = write_run(tmp_path / "early.log", "nemo", run_steps(25))
     full = write_run(tmp_path / "full.log", "nemo", run_steps(30))
     rc, out, _ = bench(capsys, "accept", early, "--baseline", full)
-    assert rc == 2 and "run ends at step 25, the baseline at step 30" in out
+    assert rc == 2 and "run ends at step 25 (nemo), the baseline at step 30 (nemo)" in out
 
 
 # --- compare ------------------------------------------------------------------------------------
 
-def test_compare_two_runs(capsys, tmp_path):
-    a_steps = list(run_steps(50, seed=1))
-    b_steps = [replace(s, loss=s.loss * (1.02 if s.step == 37 else 1.0)) for s in run_steps(50, seed=1)]
+def test_compare_two_runs_of_different_frameworks(capsys, tmp_path):
+    # NeMo counts global_step from 0, Megatron-LM its iteration from 1: the same 50 steps
+    a_steps = list(run_steps(50, first=0, seed=1))
+    b_steps = [replace(s, step=s.step + 1, total=50, loss=s.loss * (1.02 if s.step == 36 else 1.0)) for s in a_steps]
     a = write_run(tmp_path / "a.log", "nemo", a_steps)
     b = write_run(tmp_path / "b.log", "megatron", b_steps)
     rc, out, _ = bench(capsys, "compare", a, b, "--json")
@@ -161,10 +162,13 @@ def test_compare_two_runs(capsys, tmp_path):
     assert rc == 0
     assert comp["common_steps"] == 50
     assert comp["loss_correlation"] > 0.999
-    assert comp["max_rel_loss_diff_step"] == 37
+    assert comp["max_rel_loss_diff_step"] == 36  # in A's numbering
     assert comp["max_rel_loss_diff"] == pytest.approx(0.02 / 1.02, rel=2e-3)
     rc, out, _ = bench(capsys, "compare", a, b)
-    assert "loss-curve correlation" in out and "at step 37" in out
+    assert "loss-curve correlation" in out and "at step 36" in out
+    # and accept lines the final steps up the same way (NeMo 49 == Megatron-LM 50)
+    rc, out, _ = bench(capsys, "accept", a, "--baseline", b, "--gpus", "8")
+    assert rc == 0 and "final loss (step 49)" in out
 
 
 def test_compare_without_common_steps_exits_2(capsys, tmp_path):
