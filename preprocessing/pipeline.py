@@ -97,9 +97,9 @@ class _Encoded:
 _worker_state: dict[str, object] = {}
 
 
-def _init_worker(job: _Job) -> None:
+def _init_worker(job: _Job, tokenizer: Tokenizer | None = None) -> None:
     _worker_state["job"] = job
-    _worker_state["tokenizer"] = load_tokenizer(job.tokenizer, backend=job.backend, eod_id=job.eod_id)
+    _worker_state["tokenizer"] = tokenizer or load_tokenizer(job.tokenizer, backend=job.backend, eod_id=job.eod_id)
     _worker_state["coefficients"] = job.minhash.coefficients()
 
 
@@ -138,13 +138,17 @@ def _append_eod(flat: np.ndarray, lengths: np.ndarray, eod_id: int) -> tuple[np.
 def _ordered_results(tasks: Iterator[readers.Task], job: _Job, workers: int) -> Iterator[_Encoded]:
     """Encoded tasks in input order, at most `2 x workers + 2` in flight (bounded memory)."""
     if workers <= 1:
-        _init_worker(job)
         for task in tasks:
             yield _encode_task(task, parallel=False)
         return
-    # spawn, not fork: the parent may hold tokenizer thread pools that a fork would copy half-way
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+    # fork where the platform has it: workers inherit the loaded, warmed-up tokenizer at no
+    # cost (the parent never ran gigatoken's thread pool: the probe and warm-up run with
+    # parallel=False, so no pool threads are copied half-way). Elsewhere spawn + initializer.
+    if "fork" in mp.get_all_start_methods():
+        ctx, init, initargs = mp.get_context("fork"), None, ()
+    else:
+        ctx, init, initargs = mp.get_context("spawn"), _init_worker, (job,)
+    with ctx.Pool(workers, initializer=init, initargs=initargs) as pool:
         window: deque = deque()
         for task in tasks:
             window.append(pool.apply_async(_encode_task, (task,)))
@@ -259,6 +263,8 @@ def preprocess(
     files = readers.expand_inputs([inputs] if isinstance(inputs, str | Path) else list(inputs))
     tok = load_tokenizer(tokenizer, backend=backend)
     job = _Job(str(tokenizer), tok.backend, tok.eod_id, keys, append_eod, dedup, MinHashParams())
+    tok.encode_batch(["warm-up: 预热 🙂"], parallel=False)  # lazy set-up, done once before workers fork
+    _init_worker(job, tok)
     deduplicator = ExactDeduplicator() if dedup == "exact" else MinHashLSH(job.minhash) if dedup == "minhash" else None
     out = _ShardedWriters(str(output_prefix), keys, token_dtype(tok.vocab_size), shard_tokens)
 

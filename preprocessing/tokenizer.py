@@ -9,7 +9,10 @@ BPE implementations tend to differ; it records which backend it chose and why.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,20 +129,47 @@ def _load_gigatoken(path: Path) -> Any:
 
 @functools.lru_cache(maxsize=8)
 def _choose_backend(path: Path) -> tuple[str, str]:
-    """Decide once per tokenizer file: gigatoken if importable and identical on the probes."""
+    """Decide once per tokenizer file and library versions: gigatoken if identical on the probes.
+
+    The verdict is cached on disk (keyed by the file's sha256, both libraries' versions and the
+    probe texts), which saves loading the reference tokenizer on every run.
+    """
     if importlib.util.find_spec("gigatoken") is None:
         return "tokenizers", "gigatoken is not installed"
+    cache = _verdict_cache_path(path)
+    try:
+        backend, reason = json.loads(cache.read_text())
+        return backend, f"{reason} (verdict cached in {cache.parent})"
+    except (OSError, ValueError):
+        pass
     try:
         giga = _load_gigatoken(path)
     except Exception as err:  # a tokenizer.json gigatoken cannot read: fall back, say why
         return "tokenizers", f"gigatoken cannot load {path.name}: {err}"
     hf = _load_hf(path)
+    verdict = ("gigatoken", f"gigatoken matches tokenizers on {len(PROBE_TEXTS)} probe texts")
     got = giga.encode_batch_list(list(PROBE_TEXTS), parallel=False)
     for text, ids in zip(PROBE_TEXTS, got, strict=True):
-        want = hf.encode(text, add_special_tokens=False).ids
-        if list(ids) != want:
-            return "tokenizers", f"gigatoken differs from tokenizers on probe {text[:30]!r}"
-    return "gigatoken", f"gigatoken matches tokenizers on {len(PROBE_TEXTS)} probe texts"
+        if list(ids) != hf.encode(text, add_special_tokens=False).ids:
+            verdict = ("tokenizers", f"gigatoken differs from tokenizers on probe {text[:30]!r}")
+            break
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(verdict))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only home: decide again next time
+    return verdict
+
+
+def _verdict_cache_path(path: Path) -> Path:
+    from importlib.metadata import version
+
+    key = hashlib.sha256(path.read_bytes())
+    key.update(f"{version('gigatoken')} {version('tokenizers')} {PROBE_TEXTS!r}".encode())
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen-pretrain" / "tokenizer-verdicts"
+    return root / f"{key.hexdigest()[:32]}.json"
 
 
 def load_tokenizer(tokenizer: str | Path = "qwen", backend: str = "auto", eod_id: int | None = None) -> Tokenizer:
