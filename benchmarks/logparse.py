@@ -225,6 +225,8 @@ class Layout:
     """
 
     fullmatch: Callable[[bytes], re.Match[bytes] | None]
+    fields: bytes  # the pattern of the fields, for the block scanner
+    n_groups: int
     step_pos: int | None  # group holding the global step; None: use the iteration number
     getter: Callable[[list[float]], tuple[float, ...]]  # groups + [ABSENT] -> VALUE_FIELDS order
     scaled: tuple[tuple[int, float], ...]  # (group, scale)
@@ -248,19 +250,20 @@ def learn_layout(family: LineFamily, segment: bytes) -> Layout | None:
             return None
         part = rb"\|[ \t]*" + re.escape(key) + rb"[ \t]*:"
         if key in family.column_of:
-            parts.append(part + rb"([^|]*)")
+            parts.append(part + rb"([^|\n\r]*)")
             columns.append(family.column_of[key])
         else:
-            parts.append(part + rb"[^|]*")
+            parts.append(part + rb"[^|\n\r]*")
     if len(set(columns)) != len(columns) or not set(columns) - {STEP_COLUMN}:
         return None
-    pattern = re.compile(b"".join(parts) + rb"(?:\|[ \t]*)?")
+    fields_pattern = b"".join(parts) + rb"(?:\|[ \t]*)?"
+    pattern = re.compile(fields_pattern)
     absent = len(columns)  # index of the ABSENT appended after the groups
     getter = itemgetter(*(columns.index(c) if c in columns else absent for c in range(len(VALUE_FIELDS))))
     scale = dict(family.scaled)
     scaled = tuple((i, scale[c]) for i, c in enumerate(columns) if c in scale)
     step_pos = columns.index(STEP_COLUMN) if STEP_COLUMN in columns else None
-    return Layout(pattern.fullmatch, step_pos, getter, scaled)
+    return Layout(pattern.fullmatch, fields_pattern, len(columns), step_pos, getter, scaled)
 
 
 def _record(raw: RawRecord) -> StepRecord:
@@ -287,7 +290,7 @@ def parse_line(line: str | bytes, fmt: str = "auto") -> list[StepRecord]:
     out = []
     for piece in line.split(b"\r"):
         for m in RECORD_LINE.finditer(piece):
-            for colon, iteration, segment in _segments(m):
+            for colon, iteration, segment in _segments(m, m.group(4)):
                 family = FAMILY_OF_FORMAT[fmt] if fmt != "auto" else family_of_record(segment, bool(colon))
                 raw = _parse_values(family, segment, iteration, 1) if family is not None else None
                 if raw is not None:
@@ -412,13 +415,14 @@ def iter_raw_records(
 
 
 # A step record and the rest of its line: `iteration 528/999 | ...` up to the line end or `\r`.
-RECORD_LINE = re.compile(rb"iteration(:?)[ \t]*(\d+)[ \t]*/[ \t]*(\d+)([^\n\r]*)")
+RECORD_PREFIX = rb"iteration(:?)[ \t]*(\d+)[ \t]*/[ \t]*(\d+)"
+RECORD_LINE = re.compile(RECORD_PREFIX + rb"([^\n\r]*)")
 
 
-def _segments(m: re.Match[bytes]) -> list[tuple[bytes, bytes, bytes]]:
+def _segments(m: re.Match[bytes], rest: bytes) -> list[tuple[bytes, bytes, bytes]]:
     """(colon, iteration, fields) of each record on the matched line: usually one; more when
     records were glued together on one line (cut at each further `iteration N/M`)."""
-    colon, iteration, _, rest = m.groups()
+    colon, iteration = m.group(1), m.group(2)
     subs = list(RECORD_START.finditer(rest)) if b"iteration" in rest else ()
     if not subs:
         return [(colon, iteration, rest)]
@@ -443,10 +447,10 @@ def _detect(scan: LogScan, colon: bytes, segment: bytes) -> LineFamily | None:
 
 
 def _parse_with_layouts(family: LineFamily, layouts: list[Layout], rest: bytes, iteration: bytes,
-                        line_no: int) -> tuple[RawRecord | None, bool]:
-    """The record through any later layout, else by key (then its layout is learned).
-    Returns (record, whether a layout was learned)."""
-    for layout in layouts[1:]:
+                        line_no: int, skip: int = 0) -> tuple[RawRecord | None, bool]:
+    """The record through a layout (past the first `skip`), else by key (then its layout is
+    learned). Returns (record, whether a layout was learned)."""
+    for layout in layouts[skip:]:
         fm = layout.fullmatch(rest)
         if fm is None:
             continue
@@ -487,14 +491,25 @@ class Batch:
             yield step, line_no, self.values[i * width:(i + 1) * width]
 
 
+def _block_scanner(layout: Layout) -> Callable[[bytes], Iterator[re.Match[bytes]]]:
+    """RECORD_LINE with the log's main layout folded in: a line with exactly that layout comes
+    out with its values already in groups 4..; any other step line comes out whole in the last
+    group. One regex pass per block does both the finding and the field splitting."""
+    return re.compile(
+        RECORD_PREFIX + rb"(?:" + layout.fields + rb"(?=[\r\n]|\Z)|([^\n\r]*))"
+    ).finditer
+
+
 def _records(scan: LogScan, progress: Callable[[int], None] | None) -> Iterator[Batch]:
     """Step records, a Batch per block, found with one regex scan per block: lines without a
     record cost no Python; until the first step, the lines are read for markers and hints."""
     seen_step = False
     lines_before_block = 0
     layouts: list[Layout] = []
-    first_match = first_step_pos = first_getter = None
-    first_scaled: tuple = ()
+    main: Layout | None = None  # the first layout learned: nearly every line of a log
+    step_pos = getter = None
+    scaled: tuple[tuple[int, float], ...] = ()
+    values_end = 0
     isfinite = math.isfinite
     for block in _iter_blocks(scan, progress):
         if b"\x1b" in block:
@@ -503,41 +518,44 @@ def _records(scan: LogScan, progress: Callable[[int], None] | None) -> Iterator[
         steps_append, lines_append, values_extend = batch.steps.append, batch.line_nos.append, batch.values.extend
         line_no, counted_to, header_from = lines_before_block + 1, 0, 0
         count = block.count
-        for m in RECORD_LINE.finditer(block):
+        if main is None and layouts:
+            main = layouts[0]
+            scanner, rest_group = _block_scanner(main), 4 + main.n_groups
+            step_pos, getter, scaled, values_end = main.step_pos, main.getter, main.scaled, 3 + main.n_groups
+        elif main is None:
+            scanner, rest_group = RECORD_LINE.finditer, 4
+        for m in scanner(block):
             start = m.start()
             line_no += count(b"\n", counted_to, start)
             counted_to = start
-            rest = m.group(4)
+            rest = m.group(rest_group)
+            if rest is None:  # the main layout matched: the fast path
+                groups = m.groups()[3:values_end]
+                try:
+                    numbers = list(map(float, groups))
+                except ValueError:  # `12.9K`, or a glued record right after a number
+                    numbers = list(map(parse_number, groups))
+                if None not in numbers:
+                    for i, scale in scaled:
+                        numbers[i] *= scale
+                    step = ABSENT if step_pos is None else numbers[step_pos]
+                    numbers.append(ABSENT)
+                    steps_append(int(round(step)) if isfinite(step) else int(m.group(2)))
+                    lines_append(line_no)
+                    values_extend(getter(numbers))
+                    continue
+                rest = block[m.end(3):m.end()]
             # (Megatron-LM's fields say "iteration" too: only a second `iteration N/M` is a glued record.)
             if seen_step and not (b"iteration" in rest and RECORD_START.search(rest)):
-                # The fast path: the first layout learned (nearly every line of a log), unrolled.
-                if first_match is not None and (fm := first_match(rest)) is not None:
-                    groups = fm.groups()
-                    try:
-                        numbers = list(map(float, groups))
-                    except ValueError:  # `12.9K`, or a glued record right after a number
-                        numbers = list(map(parse_number, groups))
-                    if None not in numbers:
-                        for i, scale in first_scaled:
-                            numbers[i] *= scale
-                        step = ABSENT if first_step_pos is None else numbers[first_step_pos]
-                        numbers.append(ABSENT)
-                        steps_append(int(round(step)) if isfinite(step) else int(m.group(2)))
-                        lines_append(line_no)
-                        values_extend(first_getter(numbers))
-                        continue
-                record, learned = _parse_with_layouts(scan.family, layouts, rest, m.group(2), line_no)
+                record, _ = _parse_with_layouts(scan.family, layouts, rest, m.group(2), line_no,
+                                                skip=1 if main is not None else 0)
                 if record is not None:
                     batch.add(record)
-                if learned and len(layouts) == 1:
-                    first = layouts[0]
-                    first_match, first_step_pos, first_getter, first_scaled = (
-                        first.fullmatch, first.step_pos, first.getter, first.scaled)
                 continue
             if not seen_step:
                 _note_header(scan, block[header_from:start])
                 header_from = m.end()
-            for colon, iteration, segment in _segments(m):
+            for colon, iteration, segment in _segments(m, rest):
                 family = scan.family or _detect(scan, colon, segment)
                 if family is not None and (record := _parse_values(family, segment, iteration, line_no)) is not None:
                     seen_step = True

@@ -373,10 +373,21 @@ def test_fast_path_layouts_give_the_same_table_as_the_by_key_path(tmp_path, monk
     text += "\n" + "\n".join(nemo_line(replace(s, val_loss=3.5)) for s in steps[20:30])  # a 2nd layout
     text += "\n" + "\n".join(megatron_line(s).replace("lm loss", "other") for s in steps[30:32])  # not NeMo
     text += "\n" + "\n".join(nemo_line(s).replace("| lr:", "| lr: 12.9K | x:") for s in steps[30:40])  # suffix, extra field
-    logs = [write(tmp_path / "mixed.log", text)]
+    glued = [nemo_line(s) for s in steps_of(30, seed=5)]
+    glued[12] = glued[12] + "[rank1]: " + glued[13]  # a glued pair inside the main layout's run
+    glued[20] = "\rEpoch 0: 50%|#####| 20/30\r" + glued[20] + "\r"
+    meg = [megatron_line(s) for s in steps_of(30, seed=6)]
+    meg[15] = meg[15].replace(" lm loss:", " other loss: 1.0 | lm loss:")  # a second Megatron layout
+    meg[16] = meg[16] + meg[17]
+    logs = [write(tmp_path / "mixed.log", text), write(tmp_path / "glued.log", "\n".join(glued)),
+            write(tmp_path / "meg.log", "\n".join(meg))]
     logs += [write_run(tmp_path / f"{fmt}.log", fmt, steps_of(30), noise_every=3) for fmt in FORMATS]
     for path in logs:
+        # small blocks: the block scanner with the main layout folded in runs from block 2 on,
+        # and records sit on block boundaries
+        monkeypatch.setattr(logparse, "BLOCK_BYTES", 1500)
         fast = parse_run(path, allow_short=True, derivation=Derivation(seq_length=4096, gpus=8))
+        monkeypatch.undo()
         monkeypatch.setattr(logparse, "MAX_LAYOUTS", 0)
         slow = parse_run(path, allow_short=True, derivation=Derivation(seq_length=4096, gpus=8))
         monkeypatch.undo()
