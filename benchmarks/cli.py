@@ -9,9 +9,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from qwen_pretrain.benchmarks.logparse import FORMATS
-from qwen_pretrain.benchmarks.runs import DEFAULT_SKIP_FIRST, DEFAULT_SKIP_LAST, Derivation, RunResult
+from qwen_pretrain.benchmarks.logformats import FORMATS
+from qwen_pretrain.benchmarks.rule import DEFAULT_SKIP_FIRST, DEFAULT_SKIP_LAST
+
+if TYPE_CHECKING:
+    from qwen_pretrain.benchmarks.runs import RunResult
 
 
 def _positive_int(text: str) -> int:
@@ -83,6 +87,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _parse_kwargs(args: argparse.Namespace) -> dict:
+    from qwen_pretrain.benchmarks.runs import Derivation  # numpy: not at `--help` time
+
     return dict(
         fmt=args.format, skip_first=args.skip_first, skip_last=args.skip_last, allow_short=args.allow_short,
         derivation=Derivation(args.seq_length, args.global_batch_size, args.gpus),
