@@ -44,6 +44,7 @@ from qwen_pretrain.benchmarks.logformats import (  # noqa: F401  (re-exported: t
     family_of_record,
     parse_number,
 )
+from qwen_pretrain.recipes.errors import UserError
 
 BLOCK_BYTES = 1 << 22  # read size; lines are split out of each block
 MAX_LINE_BYTES = 1 << 20  # a "line" longer than this is not a step line (binary data): dropped
@@ -287,6 +288,8 @@ def iter_raw_records(
     path: str | Path, fmt: str = "auto", progress: Callable[[int], None] | None = None
 ) -> tuple[LogScan, Iterator[Batch]]:
     """iter_records for the hot path: one Batch of raw records per block read."""
+    if fmt != "auto" and fmt not in FAMILY_OF_FORMAT:
+        raise UserError(f"unknown log format '{fmt}': choose auto or one of {', '.join(FORMATS)}")
     scan = LogScan(Path(path), fmt)
     if fmt != "auto":
         scan.family = FAMILY_OF_FORMAT[fmt]
