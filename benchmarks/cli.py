@@ -85,6 +85,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
 
+    from qwen_pretrain.benchmarks.eval_cli import add_bench_generate  # generation speed (eval area)
+
+    add_bench_generate(sub)
+
 
 def _parse_kwargs(args: argparse.Namespace) -> dict:
     from qwen_pretrain.benchmarks.runs import Derivation  # numpy: not at `--help` time

@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "qwen_pretrain.recipes.cli",
     "qwen_pretrain.preprocessing.cli",
     "qwen_pretrain.preprocessing.tokenizer_cli",
+    "qwen_pretrain.benchmarks.eval_cli",
     "qwen_pretrain.benchmarks.cli",
     "qwen_pretrain.launch.launcher",
 )
