@@ -124,7 +124,7 @@ def _human(run: RunResult) -> str:
                      f"first {run.skip_first} and last {run.skip_last} dropped)")
     tps = f(run.tokens_per_sec_per_gpu_mean, ",.1f") + (" (derived)" if run.tokens_per_sec_per_gpu_derived else "")
     lines.append(f"  tokens/s/GPU mean: {tps}   step time mean: {f(run.step_time_mean_s, '.3f')} s"
-                 + (f"   TFLOP/s/GPU (log): {run.tflops_per_gpu_mean:,.1f}" if run.tflops_per_gpu_mean else ""))
+                 + (f"   TFLOP/s/GPU (log): {run.tflops_per_gpu_mean:,.4g}" if run.tflops_per_gpu_mean else ""))
     lines.append(f"  final step: {f(run.final_step, 'd')}   final loss: {f(run.final_loss, '.4f')}")
     lines += [f"  warning: {w}" for w in run.warnings]
     if not run.usable:

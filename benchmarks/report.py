@@ -63,6 +63,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def _fmt(value: float | int | None, spec: str = ",.1f") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
+    if spec == ",.1f" and 0 < abs(value) < 1:
+        return format(value, ".3g")  # tiny CPU runs: 0.00905 TFLOP/s, not 0.0
     return format(value, spec)
 
 

@@ -418,3 +418,24 @@ def test_parse_line_by_format():
     assert [r.step for r in glued] == [528, 529] and glued[0].val_loss == 3.624
     assert parse_line("validation loss at iteration 500 | lm loss value: 3.1 |") == []
     assert parse_line(MEGATRON_SEED, "nemo") == []  # the wrong format's keys find nothing
+
+
+def test_our_trainers_own_formatter_is_parsed_as_ours(tmp_path):
+    """Lines written by the trainer's formatter (launch/train_log.py) itself, skipped step included."""
+    train_log = pytest.importorskip("qwen_pretrain.launch.train_log")
+    lines = []
+    for step in range(25):
+        rec = train_log.StepRecord(
+            step=step, train_steps=25, lr=3e-4, global_batch_size=8, loss=11.5 - step * 0.01,
+            step_time_s=3.2 + (2.0 if step == 0 else 0.0), tokens_per_sec_per_gpu=150.0 + step,
+            consumed_samples=8 * (step + 1), val_loss=11.51 if step >= 10 else None, tflops_per_gpu=0.009,
+            skipped=(step == 7))
+        lines.append(train_log.nemo_line(rec))
+        if step == 10:
+            lines.append(train_log.validation_line(10, 11.51))
+    run = parse_run(write(tmp_path / "ours.log", "\n".join(lines) + "\n"))
+    assert run.format == "ours" and run.status == "ok"
+    assert (run.steps, run.first_step, run.final_step) == (25, 0, 24)
+    assert run.final_loss == pytest.approx(11.5 - 24 * 0.01, rel=1e-3)
+    assert run.tokens_per_sec_per_gpu_mean == pytest.approx(statistics.mean(150.0 + s for s in range(10, 15)), rel=1e-3)
+    assert any("1 step(s) with no loss" in w for w in run.warnings)  # the skipped step prints no loss
