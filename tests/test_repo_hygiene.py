@@ -9,7 +9,7 @@ from pathlib import Path
 
 ALLOWED_TOP_LEVEL = {
     "recipes", "preprocessing", "launch", "conversion", "benchmarks", "tests", "Dockerfile",
-    "README.md", "pyproject.toml", ".ci", "docs", ".gitignore",
+    "README.md", "pyproject.toml", ".ci", "docs", ".gitignore", ".dockerignore",
 }
 
 
