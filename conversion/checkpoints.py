@@ -272,7 +272,7 @@ def torch_dist_padded_vocab(iter_dir: Path) -> tuple[int, Any]:
 
 
 def torch_dist_reader(iter_dir: Path, shape: ModelShape) -> Callable[[RankCoord, str], Any]:
-    """get(rank, name) at TP=1, loading one decoder layer (or the globals) at a time."""
+    """get(rank, name) at TP=1 (dist_checkpointing reshards whatever layout was saved)."""
     import torch
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -283,32 +283,23 @@ def torch_dist_reader(iter_dir: Path, shape: ModelShape) -> Callable[[RankCoord,
     # a divisor of `rows` itself pads the vocabulary to exactly the stored rows at TP=1
     load_shape = dataclasses.replace(shape, make_vocab_size_divisible_by=rows)
     sharded = _meta_model(load_shape).sharded_state_dict()
-    groups: dict[str, list[str]] = {}
-    for name, entry in sharded.items():
-        if isinstance(entry, ShardedTensor | ShardedTensorFactory):
-            m = re.match(r"decoder\.layers\.(\d+)\.", name)
-            groups.setdefault(m.group(1) if m else "globals", []).append(name)
-    cache: dict[str, dict[str, Any]] = {}  # "globals" plus the one decoder layer being read
-
-    def load_group(group: str) -> dict[str, Any]:
-        subset = {}
-        for key in groups.get(group, []):
-            entry = sharded[key]
-            entry.data = torch.empty(entry.data.shape, dtype=dtype)
-            if isinstance(entry, ShardedTensor):
-                entry.dtype = dtype
-            subset[key] = entry
-        return dist_checkpointing.load({"model": subset}, str(iter_dir))["model"]
+    names = [k for k, v in sharded.items() if isinstance(v, ShardedTensor | ShardedTensorFactory)]
+    cache: dict[str, Any] = {}
 
     def get(rank: RankCoord, name: str) -> Any:
-        m = re.match(r"decoder\.layers\.(\d+)\.", name)
-        group = m.group(1) if m else "globals"
-        if group not in cache:
-            for old in [g for g in cache if g != "globals"]:
-                del cache[old]  # drop the previous layer before loading the next
-            cache[group] = load_group(group)
-        if name not in cache[group]:
+        # megatron-core's torch_dist loader reads whole global tensors (layers are stacked into
+        # one tensor per parameter), so the model is loaded once, at TP=1: memory ~ model size.
+        if not cache:
+            subset = {}
+            for key in names:
+                entry = sharded[key]
+                entry.data = torch.empty(entry.data.shape, dtype=dtype)
+                if isinstance(entry, ShardedTensor):
+                    entry.dtype = dtype
+                subset[key] = entry
+            cache.update(dist_checkpointing.load({"model": subset}, str(iter_dir))["model"])
+        if name not in cache:
             raise UserError(f"{iter_dir}: tensor '{name}' is missing from the torch_dist checkpoint")
-        return cache[group][name]
+        return cache[name]
 
     return get
