@@ -1,0 +1,88 @@
+"""`qwen-pretrain convert hf-to-mcore | mcore-to-hf | verify`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+VERIFY_TOLERANCE = 1e-5
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("convert", help="convert weights between Hugging Face and Megatron-core")
+    sub = parser.add_subparsers(dest="convert_command", metavar="DIRECTION", required=True)
+
+    to_mcore = sub.add_parser("hf-to-mcore", help="Hugging Face safetensors -> Megatron-core checkpoint")
+    to_mcore.add_argument("--hf", type=Path, required=True, help="Hugging Face model directory")
+    to_mcore.add_argument("--out", type=Path, required=True, help="new checkpoint directory (must not exist)")
+    to_mcore.add_argument("--recipe", help="recipe of the model (default: matched from config.json)")
+    to_mcore.add_argument("--tp", type=int, default=1)
+    to_mcore.add_argument("--pp", type=int, default=1)
+    to_mcore.add_argument("--ep", type=int, default=1)
+    to_mcore.add_argument("--etp", type=int, default=1, help="expert tensor parallel: 1 or --tp")
+    to_mcore.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per PP rank")
+    to_mcore.add_argument("--format", choices=("torch_dist", "legacy"), default="torch_dist")
+    to_mcore.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="cast (default: keep)")
+    to_mcore.add_argument("--layer-spec", choices=("local", "te"), default="local", help="legacy format names")
+    to_mcore.add_argument(
+        "--expert-layout", choices=("sequential", "te_grouped", "legacy_grouped"), default="sequential"
+    )
+    to_mcore.add_argument("--quiet", action="store_true", help="no progress bar")
+    to_mcore.set_defaults(func=_hf_to_mcore)
+
+    to_hf = sub.add_parser("mcore-to-hf", help="Megatron-core checkpoint (any layout) -> Hugging Face")
+    to_hf.add_argument("--mcore", type=Path, required=True, help="checkpoint directory (with the tracker file)")
+    to_hf.add_argument("--out", type=Path, required=True, help="new Hugging Face directory (must not exist)")
+    to_hf.add_argument("--recipe", help="recipe of the model (default: from the checkpoint's conversion.json)")
+    to_hf.add_argument("--max-shard-gb", type=float, default=2.0)
+    to_hf.add_argument("--quiet", action="store_true")
+    to_hf.set_defaults(func=_mcore_to_hf)
+
+    check = sub.add_parser("verify", help="compare logits: transformers vs Megatron-core (fp32, CPU)")
+    check.add_argument("--hf", type=Path, required=True)
+    check.add_argument("--mcore", type=Path, required=True)
+    check.add_argument("--recipe")
+    check.add_argument("--tolerance", type=float, default=VERIFY_TOLERANCE)
+    check.set_defaults(func=_verify)
+
+
+def _hf_to_mcore(args: argparse.Namespace) -> int:
+    from qwen_pretrain.conversion.convert import hf_to_mcore
+
+    out = hf_to_mcore(
+        args.hf,
+        args.out,
+        recipe=args.recipe,
+        tp=args.tp,
+        pp=args.pp,
+        ep=args.ep,
+        vpp=args.vpp,
+        etp=args.etp,
+        fmt=args.format,
+        dtype=args.dtype,
+        layer_spec=args.layer_spec,
+        expert_layout=args.expert_layout,
+        quiet=args.quiet,
+    )
+    print(f"wrote {args.format} checkpoint {out} (tp={args.tp} pp={args.pp} ep={args.ep})")
+    return 0
+
+
+def _mcore_to_hf(args: argparse.Namespace) -> int:
+    from qwen_pretrain.conversion.convert import mcore_to_hf
+
+    out = mcore_to_hf(args.mcore, args.out, recipe=args.recipe, max_shard_bytes=int(args.max_shard_gb * 1024**3), quiet=args.quiet)
+    print(f"wrote Hugging Face checkpoint {out}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from qwen_pretrain.conversion.convert import verify
+
+    r = verify(args.hf, args.mcore, recipe=args.recipe)
+    ok = r.ok(args.tolerance)
+    print(
+        f"verify: {r.prompts} prompts, {r.tokens} tokens: max |logit diff| {r.max_abs_diff:.3e} "
+        f"(tolerance {args.tolerance:.0e}), top-1 agreement {r.top1_agreement:.2%}: {'PASS' if ok else 'FAIL'}"
+    )
+    return 0 if ok else 1

@@ -1,0 +1,143 @@
+"""HF -> megatron-core -> HF round trips (bitwise), and `verify` against transformers logits.
+
+Real parts throughout: safetensors files, megatron-core `dist_checkpointing`, torch.save rank
+files, the trainer's GPTModel builder (local spec on CPU), `transformers` models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from qwen_pretrain.conversion import hf_io
+from qwen_pretrain.conversion.convert import hf_to_mcore, mcore_to_hf, verify
+from qwen_pretrain.conversion.mapping import (
+    McoreLayout,
+    expected_hf_shapes,
+    hf_tensors_from_mcore,
+    iter_rank_tensors,
+)
+from qwen_pretrain.recipes import get_recipe
+from qwen_pretrain.recipes.schema import ModelShape
+from safetensors.torch import load_file, save_file
+
+FAMILIES = ("qwen3_tiny", "qwen25_tiny", "qwen3_moe_tiny")
+
+
+def write_random_hf(path: Path, shape: ModelShape, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A Hugging Face directory with random tensors of `shape` (config.json + safetensors)."""
+    gen = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True)
+    tensors = {k: torch.randn(s, generator=gen).to(dtype) for k, s in expected_hf_shapes(shape).items()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(hf_io.hf_config_for(shape)))
+    return path
+
+
+def write_transformers_hf(path: Path, shape: ModelShape, seed: int = 0) -> Path:
+    """A real `transformers` model of `shape` with random weights, saved with save_pretrained."""
+    import transformers
+
+    cfg = hf_io.hf_config_for(shape)
+    cls = {"qwen3": transformers.Qwen3Config, "qwen2": transformers.Qwen2Config, "qwen3_moe": transformers.Qwen3MoeConfig}
+    config = cls[shape.family](**{k: v for k, v in cfg.items() if k != "model_type"})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # larger than init so that every tensor matters in the logits
+    model.save_pretrained(str(path))
+    return path
+
+
+def assert_same_hf(a: Path, b: Path) -> None:
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype, k
+        assert torch.equal(ta[k], tb[k]), k
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "torch_dist"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_round_trip_bitwise(tmp_path: Path, name: str, fmt: str) -> None:
+    shape = get_recipe(name).model  # real vocab 151936: the recipe is matched from config.json
+    hf = write_random_hf(tmp_path / "hf", shape)
+    ep = 2 if shape.is_moe else 1
+    hf_to_mcore(hf, tmp_path / "mcore", tp=2, pp=2, ep=ep, fmt=fmt, quiet=True)
+    info = json.loads((tmp_path / "mcore" / "conversion.json").read_text())
+    assert info["recipe"] == name and info["layout"]["tp"] == 2
+    mcore_to_hf(tmp_path / "mcore", tmp_path / "back", quiet=True)
+    assert_same_hf(hf, tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
+
+
+def test_legacy_layout_matches_megatron_lm(tmp_path: Path) -> None:
+    shape = get_recipe("qwen3_moe_tiny").model
+    hf = write_random_hf(tmp_path / "hf", dataclasses.replace(shape, vocab_size=1000))
+    hf_to_mcore(hf, tmp_path / "m", tp=2, pp=2, ep=2, fmt="legacy", quiet=True)
+    assert (tmp_path / "m" / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
+    dirs = sorted(p.name for p in (tmp_path / "m" / "iter_0000000").iterdir())
+    assert dirs == [f"mp_rank_{t:02d}_{p:03d}_{e:03d}" for t, p, e in itertools.product(range(2), range(2), range(2))]
+    sd = torch.load(tmp_path / "m/iter_0000000/mp_rank_01_001_001/model_optim_rng.pt", weights_only=False)
+    assert sd["checkpoint_version"] == 3.0 and sd["iteration"] == 0
+    assert sd["args"].tensor_model_parallel_size == 2 and sd["args"].padded_vocab_size == 1024
+    # EP rank 1 holds global experts 4..7 as local 0..3; the last stage holds the output layer
+    assert "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight" in sd["model"]
+    assert sd["model"]["output_layer.weight"].shape == (512, shape.hidden_size)
+    assert "embedding.word_embeddings.weight" not in sd["model"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_layout_round_trips_in_memory(name: str) -> None:
+    """The mapping alone: TP/PP/VPP/EP/ETP, local and TE specs, all three expert layouts."""
+    shape = dataclasses.replace(get_recipe(name).model, vocab_size=1000)
+    gen = torch.Generator().manual_seed(1)
+    hf = {k: torch.randn(s, generator=gen).to(torch.bfloat16) for k, s in expected_hf_shapes(shape).items()}
+    expert_layouts = ("sequential", "te_grouped", "legacy_grouped") if shape.is_moe else ("sequential",)
+    for tp, pp, vpp, spec, experts in itertools.product((1, 2), (1, 2), (None, 2), ("local", "te"), expert_layouts):
+        if vpp and pp == 1:
+            continue
+        for ep, etp in itertools.product((1, 2) if shape.is_moe else (1,), {1, tp} if shape.is_moe else (1,)):
+            layout = McoreLayout(tp, pp, ep, vpp, etp, spec, experts)
+            shards = {r: dict(iter_rank_tensors(shape, layout, r, hf.__getitem__)) for r in layout.ranks()}
+            back = dict(hf_tensors_from_mcore(shape, lambda r, n, s=shards: s[r][n], layout))
+            assert back.keys() == hf.keys(), layout
+            for k in hf:
+                assert torch.equal(back[k], hf[k]), (k, layout)
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("qwen3_tiny", "torch_dist"), ("qwen25_tiny", "legacy"), ("qwen3_moe_tiny", "torch_dist")])
+def test_verify_against_transformers(tmp_path: Path, name: str, fmt: str) -> None:
+    shape = dataclasses.replace(get_recipe(name).model, vocab_size=2048)  # smaller vocab: faster
+    hf = write_transformers_hf(tmp_path / "hf", shape)
+    ep = 2 if shape.is_moe else 1
+    hf_to_mcore(hf, tmp_path / "mcore", tp=2, pp=2, ep=ep, fmt=fmt, quiet=True)
+    result = verify(hf, tmp_path / "mcore")
+    assert result.max_abs_diff <= 1e-5, result
+    assert result.top1_agreement == 1.0
+
+
+def test_verify_fails_on_wrong_weights(tmp_path: Path) -> None:
+    shape = dataclasses.replace(get_recipe("qwen3_tiny").model, vocab_size=2048)
+    hf = write_transformers_hf(tmp_path / "hf", shape, seed=0)
+    other = write_transformers_hf(tmp_path / "other", shape, seed=1)
+    hf_to_mcore(other, tmp_path / "mcore", fmt="legacy", quiet=True)
+    from qwen_pretrain.launch.cli import main
+
+    assert main(["convert", "verify", "--hf", str(hf), "--mcore", str(tmp_path / "mcore")]) == 1
+
+
+@pytest.mark.slow
+def test_round_trip_qwen3_0p6b_shape(tmp_path: Path) -> None:
+    """Random weights with the real Qwen3-0.6B shape (bf16, ~1.2 GB), TP=2 PP=2, both formats."""
+    shape = get_recipe("qwen3_0p6b").model
+    hf = write_random_hf(tmp_path / "hf", shape)
+    for fmt in ("legacy", "torch_dist"):
+        hf_to_mcore(hf, tmp_path / f"m_{fmt}", tp=2, pp=2, fmt=fmt, quiet=True)
+        mcore_to_hf(tmp_path / f"m_{fmt}", tmp_path / f"back_{fmt}", quiet=True)
+        assert_same_hf(hf, tmp_path / f"back_{fmt}")
