@@ -104,6 +104,7 @@ def hf_to_mcore(
             for pp_rank in range(layout.pp):  # one stage's shards in memory at a time
                 ranks = [r for r in layout.ranks() if r.pp_rank == pp_rank]
                 ck.save_legacy_stage(iter_dir, layout, pp_rank, iter_stage_tensors(shape, layout, ranks, get), args)
+                reader.close()
                 bar.update(1)
             bar.close()
         else:

@@ -167,6 +167,10 @@ class HFReader:
             self._handles[file] = self._safe_open(self.dir / file, "pt")
         return self._handles[file].get_tensor(name)
 
+    def close(self) -> None:
+        """Unmap the files: pages touched so far stop counting in this process's RSS."""
+        self._handles.clear()
+
     def dtype_of(self, name: str) -> str:
         file = self.weight_map[name]
         if file not in self._handles:

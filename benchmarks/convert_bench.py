@@ -1,0 +1,154 @@
+"""Benchmark: HF -> megatron-core conversion of a random-weight model with a real shape.
+
+    .venv/bin/python -m qwen_pretrain.benchmarks.convert_bench --recipe qwen3_1p7b --pp 4
+
+1. Generates the recipe's model with random bf16 weights, tensor by tensor, as sharded
+   safetensors under a temporary directory (deleted at the end).
+2. Baseline, in a child process: reads every tensor of those files through `safe_open` into
+   memory, one at a time (the raw read speed of the same files).
+3. Ours, in a child process: `qwen-pretrain convert hf-to-mcore` with the given layout.
+Both read the files right after they were written, so both read from the page cache: the ratio
+compares like with like, the absolute speeds are page-cache speeds, not disk speeds.
+Peak RSS is each child's `ru_maxrss`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RAW_READ = """
+import sys, time
+from pathlib import Path
+from safetensors import safe_open
+t = time.perf_counter(); n = 0
+for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
+    with safe_open(str(f), "pt") as h:
+        for k in h.keys():
+            n += h.get_tensor(k).numel()
+print(time.perf_counter() - t)
+"""
+
+
+def generate(out: Path, recipe: str, shard_bytes: int = 512 * 1024**2) -> int:
+    """Random bf16 weights of the recipe's shape, written shard by shard; returns total bytes."""
+    import torch
+    from qwen_pretrain.conversion import hf_io
+    from qwen_pretrain.conversion.mapping import expected_hf_shapes
+    from qwen_pretrain.recipes import get_recipe
+    from safetensors.torch import save_file
+
+    shape = get_recipe(recipe).model
+    out.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+    weight_map: dict[str, str] = {}
+    files = 0
+
+    def flush() -> None:
+        nonlocal shard, size, files
+        name = f"model-{files:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        shard, size, files = {}, 0, files + 1
+
+    for name, dims in expected_hf_shapes(shape).items():
+        t = torch.empty(dims, dtype=torch.bfloat16).normal_(generator=gen)
+        shard[name] = t
+        size += t.numel() * 2
+        total += t.numel() * 2
+        if size >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    (out / "config.json").write_text(json.dumps(hf_io.hf_config_for(shape)))
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="qwen3_1p7b")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=4)
+    p.add_argument("--format", default="legacy", choices=("legacy", "torch_dist"))
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
+    a = p.parse_args(argv)
+
+    root = Path(tempfile.mkdtemp(prefix="convert_bench_", dir=a.workdir))
+    try:
+        t = time.perf_counter()
+        size = generate(root / "hf", a.recipe)
+        gen_s = time.perf_counter() - t
+        py = sys.executable
+        # each child runs under a wrapper that prints its own ru_maxrss (RUSAGE_CHILDREN would
+        # report the max over all children)
+        wrap = (
+            "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
+            "code = None\n"
+            "try:\n"
+            "    runpy.run_path(sys.argv[0], run_name='__main__') if sys.argv[0].endswith('.py') else "
+            "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+            "except SystemExit as e:\n"
+            "    code = e.code\n"
+            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+            "sys.exit(code or 0)\n"
+        )
+        raw_script = root / "raw_read.py"
+        raw_script.write_text(RAW_READ)
+
+        def measured(args: list[str]) -> tuple[float, float, str]:
+            t0 = time.perf_counter()
+            proc = subprocess.run([py, "-c", wrap, *args], capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - t0
+            if proc.returncode:
+                sys.stderr.write(proc.stderr[-3000:])
+                raise SystemExit(f"child failed: {args}")
+            rss_kb = int([ln for ln in proc.stderr.splitlines() if ln.startswith("MAXRSS")][-1].split()[1])
+            return wall, rss_kb / 1024**2, proc.stdout
+
+        raw_wall, raw_rss, raw_out = measured([str(raw_script), str(root / "hf")])
+        raw_read_s = float(raw_out.strip().splitlines()[-1])
+        conv_args = [
+            "qwen_pretrain.launch.cli", "convert", "hf-to-mcore", "--hf", str(root / "hf"),
+            "--out", str(root / "mcore"), "--tp", str(a.tp), "--pp", str(a.pp), "--format", a.format, "--quiet",
+        ]  # fmt: skip
+        conv_wall, conv_rss, _ = measured(conv_args)
+        out_bytes = sum(f.stat().st_size for f in (root / "mcore").rglob("*") if f.is_file())
+        gb = size / 1024**3
+        result = {
+            "recipe": a.recipe,
+            "layout": f"tp={a.tp} pp={a.pp} format={a.format}",
+            "checkpoint_gb": round(gb, 3),
+            "written_gb": round(out_bytes / 1024**3, 3),
+            "generate_s": round(gen_s, 1),
+            "raw_read_s": round(raw_read_s, 2),
+            "raw_read_gb_per_s": round(gb / raw_read_s, 3),
+            "raw_read_peak_rss_gb": round(raw_rss, 3),
+            "convert_s": round(conv_wall, 2),
+            "convert_gb_per_s": round(gb / conv_wall, 3),
+            "convert_peak_rss_gb": round(conv_rss, 3),
+            "rss_fraction_of_checkpoint": round(conv_rss / gb, 3),
+            "rss_target_gb": round(0.25 * gb + 1, 3),
+            "throughput_fraction_of_raw_read": round((gb / conv_wall) / (gb / raw_read_s), 3),
+            "load": os.getloadavg(),
+        }
+        result["rss_ok"] = conv_rss <= result["rss_target_gb"]
+        result["throughput_ok"] = result["throughput_fraction_of_raw_read"] >= 0.5
+        print(json.dumps(result, indent=2))
+        return 0 if result["rss_ok"] and result["throughput_ok"] else 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
