@@ -19,6 +19,10 @@ on a machine without a GPU. `enable_cpu_support()` bridges exactly those points:
 5. `moe_utils` names `te_general_gemm` without defining it when Transformer Engine is absent.
 6. The alltoall dispatcher's `maybe_move_tensor_to_cpu(..., as_numpy=True)` skips CPU tensors,
    so split sizes stay tensors; the stand-in converts them to numpy as on GPU.
+7. Checkpoint loading with torch's AdamW (the fallback without Apex/TE): `init_torch_adam_state`
+   and `untie_torch_adam_steps`, called by `checkpoint.load_checkpoint` (no-ops with Apex/TE).
+8. torch_dist checkpoint files are written in-process, not by forked writer processes fed
+   through a spawned multiprocessing Manager (which re-imports the caller's `__main__`).
 
 Usage (the trainer and `parallel.init_parallel` call it for you):
 
@@ -228,9 +232,100 @@ def _patch_megatron() -> None:
 
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
+    _write_checkpoints_in_process()
+
     # The RNG tracker warns when the CPU generator moves inside a CUDA RNG fork; here the two
     # are the same generator, so the warning fires on every dropout-free layer init and says
     # nothing. The fork still saves and restores the state correctly.
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(
         lambda record: "CPU RNG state changed" not in record.getMessage()
     )
+
+
+# --- 8: checkpoint files written in-process -------------------------------------------------
+
+
+def _write_checkpoints_in_process() -> None:
+    """Write torch_dist checkpoint files from the training process instead of worker processes.
+
+    megatron-core's `FileSystemWriterAsync` forks writer processes (to overlap GPU->CPU copies
+    with I/O) and collects their results through a spawned Manager process. On CPU nothing is
+    gained, forking a process that runs gloo threads is fragile, and the spawned Manager
+    re-runs an unguarded `__main__` (a save then never returns). Writes here are synchronous.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    def write_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):
+        results: Any = {}
+        for i, bucket in enumerate(write_buckets):
+            local_results: queue.Queue = queue.Queue()
+            count: queue.Queue = queue.Queue()
+            count.put(i)
+            FileSystemWriterAsync.write_preloaded_data(
+                transform_list, i, bucket, local_results, count, True, use_msc=use_msc
+            )
+            idx, out = local_results.get()
+            if isinstance(out, Exception):
+                results = out
+                break
+            results[idx] = out
+        global_results_queue.put(results)
+
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_in_process)
+    # The results then travel in-process too: no multiprocessing Manager (a spawned server
+    # process that re-imports the caller's __main__, which hangs unguarded scripts).
+    filesystem_async._results_queue = queue.Queue()
+
+
+# --- 7: loading optimizer state into torch's AdamW (no Apex/TE) ------------------------------
+
+
+def init_torch_adam_state(optimizer: Any) -> None:
+    """Give every parameter of torch's AdamW its state (moments and `step`) before a load.
+
+    Without Apex or Transformer Engine, megatron-core falls back to `torch.optim.AdamW`, and its
+    state initialiser for checkpoint loading creates the moments but not `step`, which its own
+    `DistributedOptimizer.state_dict()` then requires. No-op where Apex or TE provide Adam.
+    """
+    import torch
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    for opt in chained:
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if "step" not in state:
+                    state["exp_avg"] = state.get("exp_avg", torch.zeros_like(p.data))
+                    state["exp_avg_sq"] = state.get("exp_avg_sq", torch.zeros_like(p.data))
+                    state["step"] = torch.tensor(0.0)
+
+
+def untie_torch_adam_steps(optimizer: Any) -> None:
+    """After a load, give each parameter its own AdamW `step` tensor, with the saved count.
+
+    megatron-core's `DistributedOptimizer` (torch AdamW fallback) stores the step count in its
+    param groups and, on load, hands one shared `step` tensor to every parameter, which its
+    parameter-state loader then overwrites in place with the initial state's zero; torch also
+    increments steps in place, so a shared tensor would advance once per parameter. Here each
+    parameter gets its own 0-d tensor holding the group's saved count, as torch's AdamW keeps
+    it. No-op where Apex or TE provide Adam.
+    """
+    import torch
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)

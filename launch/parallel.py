@@ -42,20 +42,17 @@ def init_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
 
     enable_cpu_support()
     if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            backend = "nccl"
-        else:
-            backend = "gloo"
-        dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
-        )
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "WORLD_SIZE" in os.environ:  # torchrun (or Slurm + torchrun) set the rendezvous
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:  # a world of one in this process; leaves the environment untouched
+            dist.init_process_group(
+                backend=backend, timeout=timeout, rank=0, world_size=1,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+            )
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -1,0 +1,177 @@
+"""torch_dist checkpoints of a training run (megatron-core `dist_checkpointing`).
+
+Layout (Megatron-LM's, so its tools and our converters find it):
+
+    SAVE_DIR/iter_0000010/            dist_checkpointing torch_dist files (*.distcp, .metadata, ...)
+    SAVE_DIR/latest_checkpointed_iteration.txt
+
+A checkpoint holds the model, the optimizer (AdamW moments and step, sharded the
+distributed-optimizer way), the LR scheduler, every rank's RNG states (Python, numpy, torch and
+megatron's tensor-parallel tracker) and the data position (iteration, consumed samples), so a
+resumed run continues bit for bit. It is written to `iter_XXXXXXX.tmp` and renamed once
+complete; `latest_checkpointed_iteration.txt` is replaced atomically after that, so an
+interrupted save never looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwen_pretrain.launch.cpu_support import init_torch_adam_state, untie_torch_adam_steps
+from qwen_pretrain.recipes.errors import UserError
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+# The distributed optimizer's state in the canonical per-parameter layout, so that a checkpoint
+# loads under another TP/PP/DP layout (megatron-core 0.16 no longer writes the older
+# "fully_sharded_model_space" form).
+CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False}
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: the next step to run is `iteration` (0-based)."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    val_loss: float | None = None
+
+
+def iter_dir(save_dir: str | os.PathLike, iteration: int) -> Path:
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(load_dir: str | os.PathLike) -> int | None:
+    tracker = Path(load_dir) / TRACKER_FILE
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise UserError(f"{tracker}: expected an iteration number, found '{text[:40]}'")
+    return int(text)
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    return {
+        "random": random.getstate(),
+        "np": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state_dict(
+    models: list[Any], optimizer: Any, scheduler: Any, state: TrainState, *, is_loading: bool
+) -> dict[str, Any]:
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    sd: dict[str, Any] = {}
+    model_sd: dict[str, Any] = {}
+    for i, model in enumerate(models):
+        key = "model" if len(models) == 1 else f"model{i}"
+        sd[key] = model.sharded_state_dict(metadata=CKPT_METADATA)
+        model_sd.update(sd[key])
+    sd["optimizer"] = optimizer.sharded_state_dict(
+        model_sd, is_loading=is_loading, metadata=CKPT_METADATA
+    )
+    sd["opt_param_scheduler"] = scheduler.state_dict()
+    sd["train_state"] = {
+        "iteration": state.iteration,
+        "consumed_samples": state.consumed_samples,
+        "val_loss": state.val_loss,
+    }
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sd["world_size"] = world
+    # One RNG object per rank: tensor-parallel ranks hold different tracker states.
+    sd["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+    return sd
+
+
+def save_checkpoint(
+    save_dir: str, models: list[Any], optimizer: Any, scheduler: Any, state: TrainState
+) -> Path:
+    """Write `SAVE_DIR/iter_{state.iteration}` (all ranks call this); returns its path."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    final = iter_dir(save_dir, state.iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    sd = _sharded_state_dict(models, optimizer, scheduler, state, is_loading=False)
+    dist_checkpointing.save(sd, str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        tracker = Path(save_dir) / TRACKER_FILE
+        tracker_tmp = tracker.with_name(tracker.name + ".tmp")
+        tracker_tmp.write_text(f"{state.iteration}\n")
+        os.replace(tracker_tmp, tracker)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(
+    load_dir: str, models: list[Any], optimizer: Any, scheduler: Any
+) -> TrainState | None:
+    """Restore the latest checkpoint under `load_dir` (all ranks); None when there is none.
+
+    RNG states come back only when the world size matches the saving run (a resharded resume
+    starts fresh RNG streams, which only matters with dropout).
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(load_dir)
+    if iteration is None:
+        if not Path(load_dir).exists():
+            raise UserError(f"--load {load_dir}: no such directory")
+        return None
+    path = iter_dir(load_dir, iteration)
+    if not path.is_dir():
+        raise UserError(f"--load {load_dir}: {TRACKER_FILE} names {path.name}, which is missing")
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    init_torch_adam_state(optimizer)
+    sd = _sharded_state_dict(models, optimizer, scheduler, TrainState(), is_loading=True)
+    if int(common.get("world_size", -1)) != dist.get_world_size():
+        del sd["rng_state"]
+    loaded = dist_checkpointing.load(sd, str(path))
+    for i, model in enumerate(models):
+        model.load_state_dict(loaded["model" if len(models) == 1 else f"model{i}"])
+    import torch
+
+    # fp32 main parameters are views of the model's (leaf) parameters: copy without autograd.
+    with torch.no_grad():
+        optimizer.load_state_dict(loaded["optimizer"])
+    untie_torch_adam_steps(optimizer)
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if "rng_state" in loaded:
+        _set_rng_state(loaded["rng_state"])
+    ts = loaded["train_state"]
+    return TrainState(int(ts["iteration"]), int(ts["consumed_samples"]), ts.get("val_loss"))
