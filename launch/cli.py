@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "qwen_pretrain.benchmarks.cli",
     "qwen_pretrain.launch.launcher",
     "qwen_pretrain.launch.train_cli",
+    "qwen_pretrain.launch.demo",
     "qwen_pretrain.conversion.cli",
 )
 

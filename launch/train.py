@@ -298,7 +298,7 @@ def train(recipe: Recipe, opts: TrainOptions) -> TrainResult:
         f"(TP {recipe.parallel.tp} PP {recipe.parallel.pp} VPP {recipe.parallel.vpp or 1} "
         f"CP {recipe.parallel.cp} EP {recipe.parallel.ep} DP {s.dp_size}), "
         f"global batch {t.global_batch_size} x seq {t.seq_length}, "
-        f"data {'mock' if not recipe.data.blend else len(recipe.data.blend)}"
+        f"data: {'mock' if not recipe.data.blend else f'{len(recipe.data.blend)} prefix(es)'}"
     )
     try:
         for step in range(state.iteration, end):
