@@ -68,7 +68,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, shard_tokens=args.shard_tokens, dedup=args.dedup, strict=args.strict,
         progress=False if args.no_progress else None,
     )
-    print(f"tokenizer   {result.tokenizer_backend} ({result.tokenizer_reason})")
+    print(f"tokenizer   {result.tokenizer_backend} ({result.tokenizer_reason}; "
+          f"{result.reference_documents:,} document(s) encoded by tokenizers)")
     print(f"input       {result.files} file(s), {result.input_bytes / 1e6:,.1f} MB in {result.seconds:.1f} s "
           f"({result.mb_per_s:,.1f} MB/s, {result.workers} worker(s))")
     print(f"written     {result.documents:,} documents, {result.tokens:,} tokens"

@@ -60,6 +60,7 @@ class PreprocessResult:
     tokenizer_reason: str
     workers: int
     seconds: float
+    reference_documents: int = 0  # documents (x keys) gigatoken handed to `tokenizers` for exactness
     bad_examples: tuple[str, ...] = ()
 
     @property
@@ -88,6 +89,7 @@ class _Encoded:
     records: int
     bad: list[tuple[int, str]]
     size: int
+    reference: int = 0  # documents encoded by `tokenizers` instead of gigatoken
     documents: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -107,6 +109,7 @@ def _encode_task(task: readers.Task, parallel: bool | None = None) -> _Encoded:
     job: _Job = _worker_state["job"]  # type: ignore[assignment]
     tok: Tokenizer = _worker_state["tokenizer"]  # type: ignore[assignment]
     parsed = readers.parse_task(task, job.keys)
+    reference_before = tok.reference_documents
     ids, lengths = {}, {}
     for key in job.keys:
         flat, lens = tok.encode_batch(parsed.texts[key], parallel=parallel)
@@ -121,7 +124,8 @@ def _encode_task(task: readers.Task, parallel: bool | None = None) -> _Encoded:
         else:
             coeff = _worker_state["coefficients"]
             fingerprints = np.stack([minhash_signature(d, job.minhash, coeff) for d in docs]) if docs else None
-    return _Encoded(ids, lengths, fingerprints, parsed.records, parsed.bad, task.size)
+    return _Encoded(ids, lengths, fingerprints, parsed.records, parsed.bad, task.size,
+                    tok.reference_documents - reference_before)
 
 
 def _append_eod(flat: np.ndarray, lengths: np.ndarray, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +282,7 @@ def preprocess(
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr,
                disable=(None if progress is None else not progress), mininterval=1.0)
     records_before: dict[str, int] = {}
-    bad_records = duplicates = documents = tokens = input_bytes = 0
+    bad_records = duplicates = documents = tokens = input_bytes = reference = 0
     bad_examples: list[str] = []
     stopped = False
     tasks = readers.plan_tasks(files, task_bytes)
@@ -303,6 +307,7 @@ def preprocess(
             if task.kind == "range":
                 records_before[task.path] = records_before.get(task.path, 0) + enc.records
             input_bytes += enc.size
+            reference += enc.reference
             bar.update(enc.size)
 
             keep = np.ones(enc.documents, dtype=bool)
@@ -335,5 +340,5 @@ def preprocess(
         datasets=tuple(out.done), documents=documents, tokens=tokens, input_bytes=input_bytes, files=len(files),
         bad_records=bad_records, duplicates=duplicates, stopped_at_max_tokens=stopped,
         tokenizer_backend=tok.backend, tokenizer_reason=tok.reason, workers=workers,
-        seconds=time.perf_counter() - started, bad_examples=tuple(bad_examples),
+        seconds=time.perf_counter() - started, reference_documents=reference, bad_examples=tuple(bad_examples),
     )

@@ -13,6 +13,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,12 @@ PROBE_TEXTS: tuple[str, ...] = (
     "\x00\x01\x7f control \u200b zero width \ufeff bom",
     "Здравствуй, мир! مرحبا بالعالم नमस्ते दुनिया こんにちは 안녕하세요",
     " " * 300 + "x" + "\n" * 50,
+    # U+07F3 then U+07FD: NFC swaps them (combining classes 230 > 220); gigatoken 0.10.0 does not
+    "N'Ko marks \u07eb-\u07f3\u07fd and Arabic \u0650\u064b Hebrew \u05b4\u05b0 e\u0301\u0323",
+    "Hangul jamo \u1100\u1161\u11a8 and Oriya \u0b47\u0b3e compose under NFC",
 )
+# Bump when the routing rule below changes: it is part of the cached verdict's key.
+ROUTING_RULE = "reference-for-non-NFC-or-unassigned-v1"
 
 
 def qwen_tokenizer_dir() -> Path:
@@ -83,6 +90,7 @@ class Tokenizer:
     eod_id: int
     vocab_size: int
     _impl: Any
+    reference_documents: int = 0  # documents gigatoken handed to `tokenizers` (see encode_batch)
 
     def encode(self, text: str) -> list[int]:
         flat, lengths = self.encode_batch([text])
@@ -91,25 +99,95 @@ class Tokenizer:
     def encode_batch(self, texts: list[str] | list[bytes], parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Ids of all texts concatenated (int32) and each text's length (int64), no EOD added.
 
-        `parallel` (gigatoken only): None lets gigatoken use its thread pool except inside a
-        worker process; False keeps the work on the calling thread.
+        With gigatoken, a document whose text NFC normalization would change, or which holds
+        code points unassigned in Python's Unicode tables, is encoded by the reference
+        (`tokenizers`) instead: gigatoken 0.10.0's NFC misorders some combining marks
+        (found on real text: U+07F3 U+07FD). `parallel` (gigatoken only): None lets gigatoken
+        use its thread pool except inside a worker process; False keeps the calling thread.
         """
-        if self.backend == "gigatoken":
-            layout = self._impl.encode_batch(list(texts), parallel=parallel).layout
-            offsets = np.asarray(layout.offsets)
-            content = np.asarray(layout.content.data)[offsets[0]: offsets[-1]]
-            return content.astype(np.int32), np.diff(offsets).astype(np.int64)
+        if self.backend != "gigatoken":
+            return _hf_encode(self._impl, texts)
         strs = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
-        encs = self._impl.encode_batch(strs, add_special_tokens=False)
-        lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
-        flat = np.fromiter((i for e in encs for i in e.ids), dtype=np.int32, count=int(lengths.sum()))
-        return flat, lengths
+        slow = [i for i, t in enumerate(strs) if needs_reference(t)]
+        if not slow:
+            return _giga_encode(self._impl, strs, parallel)
+        self.reference_documents += len(slow)
+        slow_set = set(slow)
+        fast = [i for i in range(len(strs)) if i not in slow_set]
+        parts: list[np.ndarray] = [np.zeros(0, np.int32)] * len(strs)
+        lengths = np.zeros(len(strs), dtype=np.int64)
+        for idx, (flat, lens) in ((fast, _giga_encode(self._impl, [strs[i] for i in fast], parallel)),
+                                  (slow, _hf_encode(_load_hf(self.path), [strs[i] for i in slow]))):
+            for i, piece in zip(idx, np.split(flat, np.cumsum(lens)[:-1]) if len(idx) else [], strict=True):
+                parts[i] = piece
+            lengths[idx] = lens
+        return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), lengths
 
     def decode(self, ids: list[int] | np.ndarray) -> str:
         ids = [int(i) for i in ids]
         if self.backend == "gigatoken":
             return self._impl.decode(ids).decode("utf-8", errors="replace")
         return self._impl.decode(ids, skip_special_tokens=False)
+
+
+def _giga_encode(impl: Any, texts: list[str], parallel: bool | None) -> tuple[np.ndarray, np.ndarray]:
+    layout = impl.encode_batch(texts, parallel=parallel).layout
+    offsets = np.asarray(layout.offsets)
+    content = np.asarray(layout.content.data)[offsets[0]: offsets[-1]]
+    return content.astype(np.int32), np.diff(offsets).astype(np.int64)
+
+
+def _hf_encode(impl: Any, texts: list[str] | list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    strs = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
+    encs = impl.encode_batch(strs, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+    flat = np.fromiter((i for e in encs for i in e.ids), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def needs_reference(text: str) -> bool:
+    """True when normalization could matter: text not in NFC, or with code points Python's
+    Unicode tables do not know (a newer Unicode may give them combining classes)."""
+    if text.isascii():
+        return False
+    return not unicodedata.is_normalized("NFC", text) or _unassigned_pattern().search(text) is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _unassigned_pattern() -> re.Pattern[str]:
+    """Unassigned (Cn) and surrogate (Cs) code points as one character class.
+
+    Scanning all 1.1M code points takes a second or two, so the ranges are cached on disk per
+    Unicode version of this Python.
+    """
+    cache = _cache_root() / f"unassigned-{unicodedata.unidata_version}.json"
+    try:
+        ranges = [tuple(r) for r in json.loads(cache.read_text())]
+    except (OSError, ValueError):
+        ranges = []
+        for cp in range(0x110000):
+            if unicodedata.category(chr(cp)) in ("Cn", "Cs"):
+                if ranges and ranges[-1][1] == cp - 1:
+                    ranges[-1] = (ranges[-1][0], cp)
+                else:
+                    ranges.append((cp, cp))
+        _write_cache(cache, json.dumps(ranges))
+    body = "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+    return re.compile(f"[{body}]")
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen-pretrain"
+
+
+def _write_cache(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: compute again next time
 
 
 @functools.lru_cache(maxsize=4)
@@ -147,19 +225,14 @@ def _choose_backend(path: Path) -> tuple[str, str]:
     except Exception as err:  # a tokenizer.json gigatoken cannot read: fall back, say why
         return "tokenizers", f"gigatoken cannot load {path.name}: {err}"
     hf = _load_hf(path)
-    verdict = ("gigatoken", f"gigatoken matches tokenizers on {len(PROBE_TEXTS)} probe texts")
-    got = giga.encode_batch_list(list(PROBE_TEXTS), parallel=False)
-    for text, ids in zip(PROBE_TEXTS, got, strict=True):
-        if list(ids) != hf.encode(text, add_special_tokens=False).ids:
+    routed = Tokenizer("gigatoken", path, "probe", QWEN_EOD_TOKEN_ID, giga.vocab_size, giga)
+    verdict = ("gigatoken", f"gigatoken matches tokenizers on {len(PROBE_TEXTS)} probe texts; "
+               "documents NFC would change go to tokenizers")
+    for text in PROBE_TEXTS:
+        if routed.encode(text) != hf.encode(text, add_special_tokens=False).ids:
             verdict = ("tokenizers", f"gigatoken differs from tokenizers on probe {text[:30]!r}")
             break
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(verdict))
-        os.replace(tmp, cache)
-    except OSError:
-        pass  # a read-only home: decide again next time
+    _write_cache(cache, json.dumps(verdict))
     return verdict
 
 
@@ -167,9 +240,8 @@ def _verdict_cache_path(path: Path) -> Path:
     from importlib.metadata import version
 
     key = hashlib.sha256(path.read_bytes())
-    key.update(f"{version('gigatoken')} {version('tokenizers')} {PROBE_TEXTS!r}".encode())
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen-pretrain" / "tokenizer-verdicts"
-    return root / f"{key.hexdigest()[:32]}.json"
+    key.update(f"{version('gigatoken')} {version('tokenizers')} {ROUTING_RULE} {PROBE_TEXTS!r}".encode())
+    return _cache_root() / "tokenizer-verdicts" / f"{key.hexdigest()[:32]}.json"
 
 
 def load_tokenizer(tokenizer: str | Path = "qwen", backend: str = "auto", eod_id: int | None = None) -> Tokenizer:

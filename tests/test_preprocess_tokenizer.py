@@ -26,6 +26,8 @@ def cases() -> dict[str, str]:
         "whitespace": "a" + " " * 257 + "\n" * 9 + "\t\t \r\n" * 33 + "b   ",
         "empty": "",
         "special_in_text": "end<|endoftext|>start<|im_start|>",
+        # found in a real corpus (a regex of Unicode ranges): NFC reorders U+07F3 U+07FD
+        "combining_marks": "ranges \u0610-\u061a\u064b-\u065f\u07eb-\u07f3\u07fd\u0816-\u0819 cafe\u0301",
         "long_over_1mb": ((stdlib / "typing.py").read_text() + "混合中文 ") * 12,
     }
 
@@ -63,6 +65,15 @@ def test_ids_equal_hugging_face(backend: str, hf: tokenizers.Tokenizer) -> None:
     # bytes in, same ids out (the pipeline hands raw UTF-8 to the tokenizer)
     flat_b, lengths_b = tok.encode_batch([t.encode() for t in data.values()])
     assert np.array_equal(flat_b, flat) and np.array_equal(lengths_b, lengths)
+
+
+def test_documents_nfc_would_change_go_to_the_reference() -> None:
+    tok = load_tokenizer("qwen", backend="gigatoken")
+    mixed = ["plain ascii", cases()["combining_marks"], "中文 🙂", "new plane-5 code point \U00050000"]
+    assert [qtok.needs_reference(t) for t in mixed] == [False, True, False, True]
+    before = tok.reference_documents
+    tok.encode_batch(mixed)
+    assert tok.reference_documents - before == 2
 
 
 def test_decode_round_trips() -> None:
