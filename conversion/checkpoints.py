@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -136,26 +137,97 @@ def detect_format(iter_dir: Path) -> str:
 # ---------------------------------------------------------------- legacy
 
 
-def save_legacy_stage(
-    iter_dir: Path,
-    layout: McoreLayout,
-    pp_rank: int,
-    tensors: Iterator[tuple[RankCoord, str, Any]],
-    args: argparse.Namespace,
-) -> None:
-    """Write the files of one pipeline stage (all TP x EP ranks, all its virtual chunks)."""
-    import torch
+class LegacyWriter:
+    """Legacy rank files written tensor by tensor, so memory holds one tensor, not one stage.
 
-    files: dict[tuple[int, int], dict[str, Any]] = {}
-    for rank, name, tensor in tensors:
-        key = (rank.tp_rank, rank.ep_rank)
-        model_key = "model" if layout.vpp is None else f"model{rank.vpp_rank}"
-        files.setdefault(key, {}).setdefault(model_key, {})[name] = tensor
-    for (tp_rank, ep_rank), models in sorted(files.items()):
-        rank_dir = iter_dir / legacy_rank_dir(layout, tp_rank, pp_rank, ep_rank)
-        rank_dir.mkdir(parents=True, exist_ok=True)
-        payload = {**models, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "args": args}
-        torch.save(payload, rank_dir / "model_optim_rng.pt")
+    Two passes over the same plan. `__init__` takes every (rank, name, tensor-or-None) with
+    meta-device tensors (shapes and dtypes only) and writes each rank file with `torch.save`
+    under `torch.serialization.skip_data`: the pickle and zip headers are complete and each
+    tensor's bytes are a sparse hole at a known record offset. `write` then puts the bytes of
+    one tensor at its offset. The files load with any `torch.load` (the data records' CRC-32
+    fields are 0, which torch does not check; `unzip -t` would complain).
+    """
+
+    def __init__(
+        self,
+        iter_dir: Path,
+        layout: McoreLayout,
+        planned: Iterator[tuple[RankCoord, str, Any]],
+        args: argparse.Namespace,
+    ) -> None:
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        files: dict[tuple[int, int, int], dict[str, dict[str, Any]]] = {}
+        with FakeTensorMode():
+            for rank, name, meta in planned:
+                key = (rank.tp_rank, rank.pp_rank, rank.ep_rank)
+                model_key = "model" if layout.vpp is None else f"model{rank.vpp_rank}"
+                fake = None if meta is None else torch.empty(meta.shape, dtype=meta.dtype)
+                files.setdefault(key, {}).setdefault(model_key, {})[name] = fake
+        self._where: dict[tuple[tuple[int, int, int], str, str], tuple[Path, int, int]] = {}
+        for key, models in sorted(files.items()):
+            rank_dir = iter_dir / legacy_rank_dir(layout, *key)
+            rank_dir.mkdir(parents=True, exist_ok=True)
+            path = rank_dir / "model_optim_rng.pt"
+            payload = {**models, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "args": args}
+            with torch.serialization.skip_data(materialize_fake_tensors=True):
+                torch.save(payload, path)
+            self._locate(path, key, models)
+        self._fds: dict[Path, int] = {}
+
+    def _locate(self, path: Path, key: tuple[int, int, int], models: dict[str, dict[str, Any]]) -> None:
+        """Record offset of every tensor: torch.save numbers storages in pickling order."""
+        import zipfile
+
+        import torch
+
+        reader = torch._C.PyTorchFileReader(str(path))
+        with zipfile.ZipFile(path) as z:
+            sizes = {i.filename.split("/", 1)[1]: i.file_size for i in z.infolist()}
+        index = 0
+        for model_key, state in models.items():
+            for name, fake in state.items():
+                if fake is None:
+                    continue
+                record = f"data/{index}"
+                nbytes = fake.numel() * fake.element_size()
+                if sizes.get(record) != nbytes:
+                    raise RuntimeError(f"internal: {path} record {record} is not '{name}' ({sizes.get(record)} != {nbytes} bytes)")
+                self._where[(key, model_key, name)] = (path, reader.get_record_offset(record), nbytes)
+                index += 1
+
+    def write(self, rank: RankCoord, name: str, pieces: list[Any], vpp: bool) -> None:
+        """Put one tensor in place, given as contiguous pieces whose bytes follow each other."""
+        import torch
+
+        key = (rank.tp_rank, rank.pp_rank, rank.ep_rank)
+        path, offset, nbytes = self._where.pop((key, f"model{rank.vpp_rank}" if vpp else "model", name))
+        views = [memoryview(p.reshape(-1).view(torch.uint8).numpy()) for p in pieces if p.numel()]
+        if sum(len(v) for v in views) != nbytes:
+            raise RuntimeError(f"internal: '{name}' has {sum(len(v) for v in views)} bytes, its record {nbytes}")
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_WRONLY)
+        for view in views:  # one pwrite moves at most ~2 GB on Linux: loop
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self._fds[path], view[done:], offset + done)
+            offset += len(view)
+
+    @property
+    def pending(self) -> int:
+        """Tensors planned and not written yet."""
+        return len(self._where)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def check_complete(self) -> None:
+        if self._where:
+            (key, _, name), _ = next(iter(self._where.items()))
+            raise RuntimeError(f"internal: tensor '{name}' of rank {key} was planned but never written")
 
 
 def legacy_layout(iter_dir: Path) -> tuple[McoreLayout, argparse.Namespace]:

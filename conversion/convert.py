@@ -94,18 +94,26 @@ def hf_to_mcore(
     check_shapes = expected_hf_shapes(shape)
     hf_io.check_tensor_names(reader, check_shapes, shape.tie_embeddings)
     get = _cast(reader.get, dtype)
-    stored_dtype = DTYPES[dtype] if dtype else str(reader.dtype_of("model.embed_tokens.weight"))
-    stored_dtype = {"BF16": "bfloat16", "F32": "float32", "F16": "float16"}.get(stored_dtype, stored_dtype)
+    stored_dtype = DTYPES[dtype] if dtype else reader.dtype_of("model.embed_tokens.weight")
     args = ck.megatron_args(shape, layout, stored_dtype)
     with atomic_output_dir(out) as tmp:
         iter_dir = tmp / ck.iter_dir_name(0)
         if fmt == "legacy":
-            bar = _progress(layout.pp, "hf-to-mcore (stages)", quiet)
-            for pp_rank in range(layout.pp):  # one stage's shards in memory at a time
-                ranks = [r for r in layout.ranks() if r.pp_rank == pp_rank]
-                ck.save_legacy_stage(iter_dir, layout, pp_rank, iter_stage_tensors(shape, layout, ranks, get), args)
+            # Pass 1 on meta tensors (shapes and dtypes only): every check runs and every rank
+            # file gets its skeleton before a byte of data is read. Pass 2 reads each HF tensor
+            # once and writes its shards in place: memory holds one item, not one stage.
+            ranks = layout.ranks()
+            writer = ck.LegacyWriter(iter_dir, layout, iter_stage_tensors(shape, layout, ranks, _cast(reader.meta, dtype)), args)
+            bar = _progress(writer.pending, "hf-to-mcore", quiet)
+            try:
+                for rank, name, pieces in iter_stage_tensors(shape, layout, ranks, get, pieces=True):
+                    if pieces is not None:
+                        writer.write(rank, name, pieces, vpp=layout.vpp is not None)
+                        bar.update(1)
+            finally:
                 reader.close()
-                bar.update(1)
+                writer.close()
+            writer.check_complete()
             bar.close()
         else:
             # The on-disk format is layout independent: convert at TP=1 with the target TP's

@@ -1,6 +1,7 @@
 """Hugging Face checkpoints: architecture detection, recipe matching, lazy reading, sharded writing.
 
-Reading is lazy (safetensors `safe_open`, one tensor at a time); writing streams tensors into
+Reading goes tensor by tensor with positional reads of the safetensors files (no memory map,
+so the files' pages never count in this process's RSS); writing streams tensors into
 shards of at most `max_shard_bytes`, with `model.safetensors.index.json`, into a temporary
 directory that is renamed at the end.
 """
@@ -134,48 +135,113 @@ def with_vocab(shape: ModelShape, vocab_size: int) -> ModelShape:
     return dataclasses.replace(shape, vocab_size=vocab_size)
 
 
+# safetensors dtype names -> torch dtype names
+SAFETENSORS_DTYPES = {
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives in a safetensors file (from the file's JSON header)."""
+
+    file: str
+    dtype: str  # torch dtype name
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensors of one safetensors file: 8-byte little-endian header size, JSON header, data."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise UserError(f"{path}: not a safetensors file (shorter than its header)")
+        size = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{path}: not a safetensors file (bad header: {err})") from err
+    base = 8 + size
+    entries = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in SAFETENSORS_DTYPES:
+            raise UserError(f"{path}: tensor '{name}' has dtype {meta['dtype']}, which this converter does not read")
+        begin, stop = meta["data_offsets"]
+        entries[name] = TensorEntry(path.name, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), base + begin, stop - begin)
+    return entries
+
+
 class HFReader:
-    """Lazy access to the tensors of a Hugging Face safetensors checkpoint (one or many shards)."""
+    """Tensors of a Hugging Face safetensors checkpoint (one or many shards), one at a time.
+
+    Each tensor is read with positional reads into its own buffer (no memory map): the bytes
+    are read once, and the file's pages stay in the page cache instead of this process's RSS.
+    """
 
     def __init__(self, hf_dir: Path) -> None:
-        from safetensors import safe_open
-
         self.dir = Path(hf_dir)
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         elif (self.dir / "model.safetensors").is_file():
-            with safe_open(self.dir / "model.safetensors", "pt") as f:
-                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+            files = ["model.safetensors"]
         else:
             raise UserError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
-        self.weight_map = weight_map
-        self._handles: dict[str, Any] = {}
-        self._safe_open = safe_open
+        self.entries: dict[str, TensorEntry] = {}
+        for name in files:
+            if not (self.dir / name).is_file():
+                raise UserError(f"{self.dir / name}: named by model.safetensors.index.json but missing")
+            self.entries |= read_safetensors_header(self.dir / name)
+        self._fds: dict[str, int] = {}
 
     def names(self) -> list[str]:
-        return list(self.weight_map)
+        return list(self.entries)
 
     def files(self) -> list[Path]:
-        return [self.dir / f for f in sorted(set(self.weight_map.values()))]
+        return [self.dir / f for f in sorted({e.file for e in self.entries.values()})]
+
+    def entry(self, name: str) -> TensorEntry:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise UserError(f"{self.dir}: tensor '{name}' is missing from the checkpoint")
+        return entry
+
+    def meta(self, name: str) -> Any:
+        """A meta-device tensor with the stored shape and dtype (reads nothing)."""
+        import torch
+
+        e = self.entry(name)
+        return torch.empty(e.shape, dtype=getattr(torch, e.dtype), device="meta")
 
     def get(self, name: str) -> Any:
-        file = self.weight_map.get(name)
-        if file is None:
-            raise UserError(f"{self.dir}: tensor '{name}' is missing from the checkpoint")
-        if file not in self._handles:
-            self._handles[file] = self._safe_open(self.dir / file, "pt")
-        return self._handles[file].get_tensor(name)
+        import torch
+
+        e = self.entry(name)
+        if e.file not in self._fds:
+            self._fds[e.file] = os.open(self.dir / e.file, os.O_RDONLY)
+        buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < e.nbytes:
+            n = os.preadv(self._fds[e.file], [view[done:]], e.start + done)
+            if n == 0:
+                raise UserError(f"{self.dir / e.file}: truncated inside tensor '{name}'")
+            done += n
+        return buf.view(getattr(torch, e.dtype)).reshape(e.shape)
 
     def close(self) -> None:
-        """Unmap the files: pages touched so far stop counting in this process's RSS."""
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def dtype_of(self, name: str) -> str:
-        file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = self._safe_open(self.dir / file, "pt")
-        return self._handles[file].get_slice(name).get_dtype()
+        """The stored dtype as a torch dtype name ("bfloat16", "float32", ...)."""
+        return self.entry(name).dtype
 
 
 def check_tensor_names(reader: HFReader, expected: Iterable[str], tied: bool) -> None:

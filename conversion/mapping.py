@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from qwen_pretrain.recipes.errors import UserError
@@ -396,7 +396,7 @@ def deinterleave_qkv(shape: ModelShape, qkv: torch.Tensor) -> tuple[torch.Tensor
 def pad_vocab(t: torch.Tensor, padded_rows: int) -> torch.Tensor:
     if t.shape[0] == padded_rows:
         return t
-    out = torch.zeros((padded_rows, *t.shape[1:]), dtype=t.dtype)
+    out = torch.zeros((padded_rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
     out[: t.shape[0]] = t
     return out
 
@@ -423,6 +423,37 @@ def _shard(
     if kind == GROUPED_FC2:  # down_e per local expert -> [e * F/etp, hidden]
         return torch.stack([_split(w, 1, parts, rank).t() for w in hf]).reshape(-1, shape.hidden_size)
     raise ValueError(f"unknown transform kind {kind}")
+
+
+def _shard_pieces(
+    shape: ModelShape, rule: Rule, hf: list[torch.Tensor], parts: int, rank: int, padded_vocab: int
+) -> list[torch.Tensor] | None:
+    """The shard as views of the HF tensors whose bytes, one after the other, are the shard's bytes.
+
+    A writer puts them in place without building the fused tensor (no copy for QKV or gated
+    fc1). None where no such views exist (row splits over TP, grouped experts): use `_shard`.
+    """
+    kind = rule.kind
+    if kind == REPLICATED or (kind in (ROW, COLUMN) and parts == 1):
+        return [hf[0]]
+    if kind == COLUMN:
+        return [torch.chunk(hf[0], parts, dim=0)[rank]]
+    if kind == GATED:
+        return [torch.chunk(hf[0], parts, dim=0)[rank], torch.chunk(hf[1], parts, dim=0)[rank]]
+    if kind == VOCAB:
+        rows = padded_vocab // parts
+        start, stop = rank * rows, (rank + 1) * rows
+        real = hf[0][start : min(stop, hf[0].shape[0])]
+        pad = stop - max(start, hf[0].shape[0])
+        zeros = [torch.zeros((pad, *hf[0].shape[1:]), dtype=hf[0].dtype, device=hf[0].device)] if pad > 0 else []
+        return [real, *zeros] if real.shape[0] else zeros
+    if kind == QKV:  # the rank's query groups, each [q heads of the group; k; v]
+        q, k, v = hf
+        g, d = shape.num_query_groups, shape.head_dim
+        per = shape.num_attention_heads // g
+        groups = range(rank * g // parts, (rank + 1) * g // parts)
+        return [t for j in groups for t in (q[j * per * d : (j + 1) * per * d], k[j * d : (j + 1) * d], v[j * d : (j + 1) * d])]
+    return None
 
 
 # ---------------------------------------------------------------- the engine: HF -> one rank
@@ -523,10 +554,14 @@ def iter_stage_tensors(
     layout: McoreLayout,
     ranks: list[RankCoord],
     get_hf_tensor: Callable[[str], torch.Tensor],
-) -> Iterator[tuple[RankCoord, str, torch.Tensor | None]]:
+    *,
+    pieces: bool = False,
+) -> Iterator[tuple[RankCoord, str, Any]]:
     """(rank, megatron name, shard) for several ranks at once, reading each HF tensor once.
 
     Converters pass the ranks of one pipeline stage, so memory holds that stage's shards only.
+    With `pieces`, each shard is a list of contiguous tensors whose bytes in order are the
+    shard's (`_shard_pieces`): views of the HF tensors where possible, so nothing is copied.
     """
     expected = expected_hf_shapes(shape)
     padded = shape.padded_vocab_size(layout.tp)
@@ -543,7 +578,12 @@ def iter_stage_tensors(
         for rank, (local_layer, local_expert) in holders:
             parts, part = _parts_and_rank(layout, item.rule, rank)
             if part not in cache:
-                cache[part] = _shard(shape, item.rule, tensors, parts, part, padded).contiguous()
+                views = _shard_pieces(shape, item.rule, tensors, parts, part, padded) if pieces else None
+                if views is not None:
+                    cache[part] = [v.contiguous() for v in views]
+                else:
+                    shard = _shard(shape, item.rule, tensors, parts, part, padded).contiguous()
+                    cache[part] = [shard] if pieces else shard
             yield rank, _mcore_name(item.rule, layout, local_layer, local_expert, shape.is_moe), cache[part]
             extra = _extra_state_name(item.rule, local_layer, local_expert)
             if extra is not None:

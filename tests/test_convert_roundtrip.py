@@ -20,6 +20,7 @@ from qwen_pretrain.conversion.mapping import (
     expected_hf_shapes,
     hf_tensors_from_mcore,
     iter_rank_tensors,
+    iter_stage_tensors,
 )
 from qwen_pretrain.recipes import get_recipe
 from qwen_pretrain.recipes.schema import ModelShape
@@ -109,6 +110,26 @@ def test_every_layout_round_trips_in_memory(name: str) -> None:
             assert back.keys() == hf.keys(), layout
             for k in hf:
                 assert torch.equal(back[k], hf[k]), (k, layout)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_pieces_are_the_shards_bytes(name: str) -> None:
+    """The legacy writer's zero-copy pieces (QKV groups, gate/up halves, padded vocab rows)
+    laid end to end are byte for byte the shard the mapping builds."""
+    shape = dataclasses.replace(get_recipe(name).model, vocab_size=1000)  # padded to 1024 / 1152
+    gen = torch.Generator().manual_seed(2)
+    hf = {k: torch.randn(s, generator=gen).to(torch.bfloat16) for k, s in expected_hf_shapes(shape).items()}
+    for tp, pp, ep in itertools.product((1, 2), (1, 2), (1, 2) if shape.is_moe else (1,)):
+        layout = McoreLayout(tp, pp, ep, etp=tp if shape.is_moe else 1)
+        whole = list(iter_stage_tensors(shape, layout, layout.ranks(), hf.__getitem__))
+        parts = list(iter_stage_tensors(shape, layout, layout.ranks(), hf.__getitem__, pieces=True))
+        assert [(r, n) for r, n, _ in whole] == [(r, n) for r, n, _ in parts]
+        for (_, n, t), (_, _, p) in zip(whole, parts, strict=True):
+            if t is None:
+                assert p is None
+                continue
+            assert all(x.is_contiguous() for x in p), n
+            assert torch.equal(torch.cat([x.reshape(-1) for x in p]), t.reshape(-1)), (n, layout)
 
 
 @pytest.mark.parametrize(("name", "fmt"), [("qwen3_tiny", "torch_dist"), ("qwen25_tiny", "legacy"), ("qwen3_moe_tiny", "torch_dist")])
