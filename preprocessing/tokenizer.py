@@ -13,7 +13,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,12 +149,15 @@ def needs_reference(text: str) -> bool:
     Unicode tables do not know (a newer Unicode may give them combining classes)."""
     if text.isascii():
         return False
-    return not unicodedata.is_normalized("NFC", text) or _unassigned_pattern().search(text) is not None
+    if not unicodedata.is_normalized("NFC", text):
+        return True
+    codes = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    return bool(_unassigned_table()[codes].any())
 
 
 @functools.lru_cache(maxsize=1)
-def _unassigned_pattern() -> re.Pattern[str]:
-    """Unassigned (Cn) and surrogate (Cs) code points as one character class.
+def _unassigned_table() -> np.ndarray:
+    """A boolean per code point: unassigned (Cn) or surrogate (Cs) in Python's Unicode tables.
 
     Scanning all 1.1M code points takes a second or two, so the ranges are cached on disk per
     Unicode version of this Python.
@@ -172,8 +174,10 @@ def _unassigned_pattern() -> re.Pattern[str]:
                 else:
                     ranges.append((cp, cp))
         _write_cache(cache, json.dumps(ranges))
-    body = "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
-    return re.compile(f"[{body}]")
+    table = np.zeros(0x110000, dtype=bool)
+    for a, b in ranges:
+        table[a: b + 1] = True
+    return table
 
 
 def _cache_root() -> Path:
