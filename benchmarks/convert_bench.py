@@ -6,10 +6,14 @@
    safetensors under a temporary directory (deleted at the end).
 2. Baseline, in a child process: reads every tensor of those files through `safe_open` into
    memory, one at a time (the raw read speed of the same files).
-3. Ours, in a child process: `qwen-pretrain convert hf-to-mcore` with the given layout.
-Both read the files right after they were written, so both read from the page cache: the ratio
-compares like with like, the absolute speeds are page-cache speeds, not disk speeds.
-Peak RSS is each child's `ru_maxrss`.
+3. Raw copy, in a child process: the same reads, each tensor's bytes written to one output
+   file beside them (what any converter must at least do; no conversion).
+4. Ours, in a child process: `qwen-pretrain convert hf-to-mcore` with the given layout.
+All read the files right after they were written, so all read from the page cache: the ratio
+compares like with like, the absolute speeds are page-cache speeds, not disk speeds. Writes go
+to --workdir: on a disk they are bounded by its write speed (raw copy shows that bound);
+`--workdir /dev/shm` measures the conversion without the disk.
+Peak RSS is each child's `ru_maxrss`; times are wall times of the work, without start-up.
 """
 
 from __future__ import annotations
@@ -33,6 +37,31 @@ for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
     with safe_open(str(f), "pt") as h:
         for k in h.keys():
             n += h.get_tensor(k).numel()
+print(time.perf_counter() - t)
+"""
+
+# The conversion as the CLI runs it, timed after start-up (imports) like the baselines.
+CONVERT = """
+import sys, time
+from qwen_pretrain.launch.cli import main
+t = time.perf_counter()
+code = main(sys.argv[1:])
+print(time.perf_counter() - t)
+sys.exit(code)
+"""
+
+RAW_COPY = """
+import os, sys, time
+from pathlib import Path
+import torch
+from safetensors import safe_open
+t = time.perf_counter()
+fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
+    with safe_open(str(f), "pt") as h:
+        for k in h.keys():
+            os.write(fd, h.get_tensor(k).reshape(-1).view(torch.uint8).numpy())
+os.close(fd)
 print(time.perf_counter() - t)
 """
 
@@ -105,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         raw_script = root / "raw_read.py"
         raw_script.write_text(RAW_READ)
+        copy_script = root / "raw_copy.py"
+        copy_script.write_text(RAW_COPY)
+        convert_script = root / "convert.py"
+        convert_script.write_text(CONVERT)
 
         def measured(args: list[str]) -> tuple[float, float, str]:
             t0 = time.perf_counter()
@@ -118,11 +151,15 @@ def main(argv: list[str] | None = None) -> int:
 
         raw_wall, raw_rss, raw_out = measured([str(raw_script), str(root / "hf")])
         raw_read_s = float(raw_out.strip().splitlines()[-1])
+        _, copy_rss, copy_out = measured([str(copy_script), str(root / "hf"), str(root / "copy.bin")])
+        copy_s = float(copy_out.strip().splitlines()[-1])
+        (root / "copy.bin").unlink()
         conv_args = [
-            "qwen_pretrain.launch.cli", "convert", "hf-to-mcore", "--hf", str(root / "hf"),
+            str(convert_script), "convert", "hf-to-mcore", "--hf", str(root / "hf"),
             "--out", str(root / "mcore"), "--tp", str(a.tp), "--pp", str(a.pp), "--format", a.format, "--quiet",
         ]  # fmt: skip
-        conv_wall, conv_rss, _ = measured(conv_args)
+        conv_wall_startup, conv_rss, conv_out = measured(conv_args)
+        conv_wall = float(conv_out.strip().splitlines()[-1])
         out_bytes = sum(f.stat().st_size for f in (root / "mcore").rglob("*") if f.is_file())
         gb = size / 1024**3
         result = {
@@ -134,12 +171,16 @@ def main(argv: list[str] | None = None) -> int:
             "raw_read_s": round(raw_read_s, 2),
             "raw_read_gb_per_s": round(gb / raw_read_s, 3),
             "raw_read_peak_rss_gb": round(raw_rss, 3),
+            "raw_copy_s": round(copy_s, 2),
+            "raw_copy_gb_per_s": round(gb / copy_s, 3),
             "convert_s": round(conv_wall, 2),
+            "convert_s_with_startup": round(conv_wall_startup, 2),
             "convert_gb_per_s": round(gb / conv_wall, 3),
             "convert_peak_rss_gb": round(conv_rss, 3),
             "rss_fraction_of_checkpoint": round(conv_rss / gb, 3),
             "rss_target_gb": round(0.25 * gb + 1, 3),
             "throughput_fraction_of_raw_read": round((gb / conv_wall) / (gb / raw_read_s), 3),
+            "throughput_fraction_of_raw_copy": round((gb / conv_wall) / (gb / copy_s), 3),
             "load": os.getloadavg(),
         }
         result["rss_ok"] = conv_rss <= result["rss_target_gb"]

@@ -375,3 +375,28 @@ def torch_dist_reader(iter_dir: Path, shape: ModelShape) -> Callable[[RankCoord,
         return cache[name]
 
     return get
+
+
+def loadable_tps(shape: ModelShape, rows: int, max_tp: int = 64) -> list[int]:
+    """The TPs whose vocabulary padding (`padded_vocab_size(tp)`) gives exactly `rows` rows."""
+    return [tp for tp in range(1, max_tp + 1) if shape.padded_vocab_size(tp) == rows]
+
+
+def check_torch_dist_tp(mcore_dir: Path, shape: ModelShape, tp: int) -> None:
+    """A one-line UserError when a run at `tp` cannot load this torch_dist checkpoint.
+
+    dist_checkpointing reshards any layout, but the embedding's global shape is part of the
+    checkpoint: a converted checkpoint holds `padded_vocab_size(tp)` rows of the TP it was
+    converted for, and a run whose TP pads the vocabulary differently cannot load it. Call
+    this before `dist_checkpointing.load` (the trainer's `--load`).
+    """
+    iter_dir = read_tracker(mcore_dir)
+    rows, _ = torch_dist_padded_vocab(iter_dir)
+    want = shape.padded_vocab_size(tp)
+    if rows != want:
+        ok = [t for t in loadable_tps(shape, rows) if shape.num_query_groups % t == 0]
+        raise UserError(
+            f"{mcore_dir}: its embedding has {rows} rows (vocabulary {shape.vocab_size} padded for "
+            f"TP {', '.join(map(str, ok)) or '?'}) but TP {tp} pads it to {want}: convert again with "
+            f"`qwen-pretrain convert hf-to-mcore --tp {tp}`, or load with --tp {' or '.join(map(str, ok)) or '?'}"
+        )
