@@ -65,6 +65,15 @@ def _hf_to_mcore(args: argparse.Namespace) -> int:
         quiet=args.quiet,
     )
     print(f"wrote {args.format} checkpoint {out} (tp={args.tp} pp={args.pp} ep={args.ep})")
+    if args.format == "torch_dist":
+        from qwen_pretrain.conversion.checkpoints import loadable_tps, read_info
+        from qwen_pretrain.recipes.schema import ModelShape
+
+        shape = ModelShape(**read_info(out)["shape"])
+        rows = shape.padded_vocab_size(args.tp)
+        tps = [t for t in loadable_tps(shape, rows) if shape.num_query_groups % t == 0]
+        # dist_checkpointing reshards TP/PP/EP at load, but not the embedding's padded rows
+        print(f"its embedding has {rows} rows (vocabulary padded for TP {args.tp}): load it with --tp {', '.join(map(str, tps))}")
     return 0
 
 

@@ -103,7 +103,9 @@ def test_converted_weights_give_hf_loss_in_trainer_model(tmp_path: Path, port: i
     assert abs(r["fresh"] - hf_loss) > 1.0, (r, hf_loss)  # the load changed the weights
 
 
-def test_torch_dist_of_another_tp_padding_is_refused_by_name(tmp_path: Path) -> None:
+def test_torch_dist_of_another_tp_padding_is_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qwen_pretrain.launch.cli import main
+
     shape = get_recipe(RECIPE).model  # 151936 rows at TP 1, 152064 at TP 2 and 4
     hf = tmp_path / "hf"
     hf.mkdir()
@@ -112,7 +114,8 @@ def test_torch_dist_of_another_tp_padding_is_refused_by_name(tmp_path: Path) -> 
 
     save_file({k: torch.zeros(s, dtype=torch.bfloat16) for k, s in expected_hf_shapes(shape).items()}, str(hf / "model.safetensors"))
     (hf / "config.json").write_text(json.dumps(hf_io.hf_config_for(shape)))
-    hf_to_mcore(hf, tmp_path / "tp1", tp=1, fmt="torch_dist", quiet=True)
+    assert main(["convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "tp1"), "--quiet"]) == 0
+    assert "151936 rows (vocabulary padded for TP 1): load it with --tp 1\n" in capsys.readouterr().out
     ck.check_torch_dist_tp(tmp_path / "tp1", shape, 1)
     with pytest.raises(UserError, match=r"151936 rows .* TP 2 pads it to 152064: convert again with .*--tp 2") as err:
         ck.check_torch_dist_tp(tmp_path / "tp1", shape, 2)
