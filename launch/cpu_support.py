@@ -14,7 +14,8 @@ on a machine without a GPU. `enable_cpu_support()` bridges exactly those points:
    `torch.manual_seed`, which would recurse).
 3. A `TorchFunctionMode` rewrites every `device=` that names CUDA (a string, a `torch.device`,
    or the integer `current_device()` returns) to CPU, turns `Tensor.cuda()` into identity, and
-   answers `Tensor.type()` with the `torch.cuda.*Tensor` names the optimizers check for.
+   answers `Tensor.type()` with the `torch.cuda.*Tensor` names the optimizers check for. The
+   autograd engine drops modes while it runs backward, so custom Functions' backward re-enter it.
 4. `fusions`/`transformer.utils.get_default_causal_mask` builds its mask on "cuda": covered by 3.
 5. `moe_utils` names `te_general_gemm` without defining it when Transformer Engine is absent.
 6. The alltoall dispatcher's `maybe_move_tensor_to_cpu(..., as_numpy=True)` skips CPU tensors,
@@ -60,6 +61,7 @@ def enable_cpu_support() -> bool:
     _patch_torch_cuda(torch)
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()  # stays pushed for the life of the process
+    _mode_in_custom_backwards(type(_MODE))
     _patch_megatron()
     _ENABLED = True
     return True
@@ -213,6 +215,24 @@ def _make_mode() -> type:
 
 def _CudaToCpuMode() -> Any:  # noqa: N802 - reads like the class it builds
     return _make_mode()()
+
+
+def _mode_in_custom_backwards(mode_class: type) -> None:
+    """Run custom autograd Functions' backward under the mode too.
+
+    The autograd engine runs backward with an empty torch-function mode stack, so megatron's
+    own backward passes (e.g. the MoE all-to-all's, which allocates on `current_device()`)
+    would see CUDA devices again. The engine calls `BackwardCFunction.apply` by name.
+    """
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply(self: Any, *args: Any) -> Any:
+        with mode_class():
+            return original(self, *args)
+
+    BackwardCFunction.apply = apply
 
 
 # --- 5 and 6: megatron-core's MoE without Transformer Engine ---------------------------------

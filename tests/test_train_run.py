@@ -159,3 +159,20 @@ def test_nan_loss_stops_naming_the_step(monkeypatch, tmp_path):
     assert sorted(result.losses) == [0, 1, 3, 4]
     skipped = [json.loads(ln) for ln in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in skipped if r["kind"] == "train"] == [False, False, True, False, False]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    ["--recipe", "qwen3_tiny", "--tp", "1", "--pp", "2", "--vpp", "2"],  # interleaved 1F1B
+    ["--recipe", "qwen3_moe_tiny", "--ep", "2"],  # MoE alltoall, expert-parallel optimizer
+    ["--recipe", "qwen25_tiny", "--tp", "2", "--reset-attention-mask-at-eod"],
+], ids=["pp2-vpp2", "moe-ep2", "qwen25-tp2-eod-reset"])
+def test_other_layouts_train_and_checkpoint(layout, tmp_path, repo_root):
+    args = [*layout, "--mock-data", "--gbs", "4", "--mbs", "1", "--seq-length", "64",
+            "--train-steps", "4", "--eval-interval", "2", "--eval-iters", "1",
+            "--log-dir", str(tmp_path / "log"), "--save", str(tmp_path / "ckpt")]
+    proc = _torchrun(args, repo_root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = _losses(tmp_path / "log")
+    assert sorted(losses) == [0, 1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
