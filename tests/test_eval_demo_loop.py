@@ -42,6 +42,7 @@ def _ppl(argv: list[str], capsys: pytest.CaptureFixture) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_demo_model_goes_through_the_loop(tmp_path: Path, repo_root: Path, capsys: pytest.CaptureFixture) -> None:
     from qwen_pretrain.conversion.convert import mcore_to_hf
     from qwen_pretrain.launch import demo

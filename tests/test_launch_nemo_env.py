@@ -20,7 +20,8 @@ from qwen_pretrain.launch.render_megatron import DataSpec
 from qwen_pretrain.launch.render_nemo import render_nemo_script
 from qwen_pretrain.recipes import Recipe, all_recipes, get_recipe
 
-pytestmark = pytest.mark.slow
+# Building the NeMo venv (~4 min) is part of the first test's fixture: allow 40 minutes.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 NEMO_RECIPES = [r.name for r in all_recipes() if r.nemo_recipe]
 
