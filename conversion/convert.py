@@ -105,8 +105,9 @@ def hf_to_mcore(
             ranks = layout.ranks()
             writer = ck.LegacyWriter(iter_dir, layout, iter_stage_tensors(shape, layout, ranks, _cast(reader.meta, dtype)), args)
             bar = _progress(writer.pending, "hf-to-mcore", quiet)
+            reader.reuse_buffers()  # each item's shards are written before the next item is read
             try:
-                for rank, name, pieces in iter_stage_tensors(shape, layout, ranks, get, pieces=True):
+                for rank, name, pieces in iter_stage_tensors(shape, layout, ranks, get, pieces=True, item_done=reader.release):
                     if pieces is not None:
                         writer.write(rank, name, pieces, vpp=layout.vpp is not None)
                         bar.update(1)

@@ -198,6 +198,23 @@ class HFReader:
                 raise UserError(f"{self.dir / name}: named by model.safetensors.index.json but missing")
             self.entries |= read_safetensors_header(self.dir / name)
         self._fds: dict[str, int] = {}
+        self._free: list[Any] = []  # buffers to reuse (reuse_buffers mode)
+        self._lent: list[Any] | None = None
+
+    def reuse_buffers(self) -> None:
+        """From now on `get` reads into recycled buffers, given back by `release()`.
+
+        Fresh buffers cost a page fault per 4 KiB page on first touch (as much as the read
+        itself); a caller that is done with every tensor it got calls `release()` and the next
+        reads land in memory that is already mapped. Tensors got before `release()` must not be
+        used after it.
+        """
+        self._lent = []
+
+    def release(self) -> None:
+        if self._lent is not None:
+            self._free += self._lent
+            self._lent.clear()
 
     def names(self) -> list[str]:
         return list(self.entries)
@@ -224,20 +241,34 @@ class HFReader:
         e = self.entry(name)
         if e.file not in self._fds:
             self._fds[e.file] = os.open(self.dir / e.file, os.O_RDONLY)
-        buf = torch.empty(e.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        buf = self._buffer(e.nbytes)
+        view = memoryview(buf.numpy())[: e.nbytes]
         done = 0
         while done < e.nbytes:
             n = os.preadv(self._fds[e.file], [view[done:]], e.start + done)
             if n == 0:
                 raise UserError(f"{self.dir / e.file}: truncated inside tensor '{name}'")
             done += n
-        return buf.view(getattr(torch, e.dtype)).reshape(e.shape)
+        return buf[: e.nbytes].view(getattr(torch, e.dtype)).reshape(e.shape)
+
+    def _buffer(self, nbytes: int) -> Any:
+        import torch
+
+        if self._lent is None:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]  # smallest that fits
+        if fits:
+            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        self._lent.append(buf)
+        return buf
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._free.clear()
 
     def dtype_of(self, name: str) -> str:
         """The stored dtype as a torch dtype name ("bfloat16", "float32", ...)."""

@@ -556,12 +556,15 @@ def iter_stage_tensors(
     get_hf_tensor: Callable[[str], torch.Tensor],
     *,
     pieces: bool = False,
+    item_done: Callable[[], None] | None = None,
 ) -> Iterator[tuple[RankCoord, str, Any]]:
     """(rank, megatron name, shard) for several ranks at once, reading each HF tensor once.
 
     Converters pass the ranks of one pipeline stage, so memory holds that stage's shards only.
     With `pieces`, each shard is a list of contiguous tensors whose bytes in order are the
     shard's (`_shard_pieces`): views of the HF tensors where possible, so nothing is copied.
+    `item_done()` is called once the consumer is through with an item's shards (when it asks
+    for the next one), so the HF tensors' buffers can be reused.
     """
     expected = expected_hf_shapes(shape)
     padded = shape.padded_vocab_size(layout.tp)
@@ -591,6 +594,9 @@ def iter_stage_tensors(
             if layout.layer_spec == "te" and item.layer is not None and item.rule is _ATTENTION[1]:
                 for module in TE_EXTRA_STATE_MODULES:
                     yield rank, MCORE_LAYER_PREFIX.format(layer=local_layer) + module + "._extra_state", None
+        del tensors, cache
+        if item_done is not None:
+            item_done()
     if shape.tie_embeddings and layout.pp == 1:
         # megatron-core keeps an output_layer module without weight when embeddings are tied.
         for rank in ranks:
