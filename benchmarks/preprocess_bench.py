@@ -10,7 +10,10 @@ Runs on the same jsonl corpus (field `text`):
 - `hf_tokenizers`: Hugging Face `tokenizers` `encode_batch`, the plain baseline (encode time only);
 - `megatron_lm`: Megatron-LM's `tools/preprocess_data.py` (HuggingFaceTokenizer, --append-eod)
   when `--megatron-lm` points at a checkout; `--megatron-pythonpath` adds folders it needs.
-Peak RSS is sampled from /proc over the whole process tree (main + workers, summed).
+Peak RSS is sampled from /proc over the whole process tree (main + workers, summed; pages shared
+after fork count once per process, so this overstates physical memory). Besides wall-clock MB/s
+it reports MB per CPU-second (user + system of the whole process tree), which stays comparable
+when other jobs share the cores and the load changes between the runs.
 `--make-corpus-mb N` builds the corpus under /tmp from real text on this machine (CPython's
 standard library and /usr/share/doc), documents of random paragraphs, and deletes it after.
 """
@@ -22,6 +25,7 @@ import gzip
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -110,7 +114,13 @@ class TreeRss:
         return self.peak
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_command(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
+    cpu_before = _children_cpu()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rss = TreeRss(proc.pid)
@@ -119,7 +129,8 @@ def run_command(cmd: list[str], env: dict | None = None, cwd: str | None = None)
     peak = rss.stop()
     if proc.returncode:
         raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{out[-3000:]}")
-    return {"seconds": seconds, "peak_rss_gb": peak / 1e9, "output": out}
+    # CPU seconds of the whole tree (workers are waited for by their parent, so they count)
+    return {"seconds": seconds, "cpu_seconds": _children_cpu() - cpu_before, "peak_rss_gb": peak / 1e9, "output": out}
 
 
 def bench_ours(corpus: Path, out_dir: Path, workers: int) -> dict:
@@ -160,12 +171,13 @@ def bench_tokenizer(corpus: Path, which: str, workers: int) -> dict:
 
         tok = tokenizers.Tokenizer.from_file(str(path))
         encode = lambda texts: sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))  # noqa: E731
-    seconds = tokens = 0.0
+    seconds = cpu = tokens = 0.0
     for texts in _texts_in_batches(corpus):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()  # process_time: all threads
         tokens += encode(texts) + len(texts)  # + one EOD per document, as the pipeline writes
         seconds += time.perf_counter() - started
-    return {"seconds": seconds, "tokens": int(tokens)}
+        cpu += time.process_time() - cpu_started
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": int(tokens)}
 
 
 def bench_megatron(corpus: Path, out_dir: Path, workers: int, checkout: Path, extra: str | None) -> dict:
@@ -226,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
                 r = bench_tokenizer(corpus, "gigatoken" if mode == "gigatoken" else "tokenizers", args.workers)
             r.pop("output", None)
             r["mb_per_s"] = mb / r["seconds"]
+            r["mb_per_cpu_s"] = mb / r["cpu_seconds"]
             r["load_after"] = load_average()
             report["runs"][mode] = r
             rss = f", peak RSS {r['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in r else ""
-            print(f"{mode:<14} {r['seconds']:8.1f} s  {r['mb_per_s']:8.1f} MB/s{rss}  (load {r['load_after']})", flush=True)
+            print(f"{mode:<14} {r['seconds']:8.1f} s  {r['mb_per_s']:8.1f} MB/s  {r['cpu_seconds']:8.1f} CPU s  "
+                  f"{r['mb_per_cpu_s']:8.1f} MB/CPU-s{rss}  (load {r['load_after']})", flush=True)
         runs = report["runs"]
         if "ours" in runs and "megatron_lm" in runs:
             report["megatron_check"] = compare_ids(str(work / "ours_text_document"), str(work / "megatron_text_document"))
@@ -237,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         for base in ("gigatoken", "hf_tokenizers", "megatron_lm"):
             if "ours" in runs and base in runs:
                 ratio = runs["ours"]["mb_per_s"] / runs[base]["mb_per_s"]
-                report[f"ours_vs_{base}"] = ratio
-                print(f"ours / {base:<14} {ratio:6.2f}x")
+                cpu_ratio = runs["ours"]["mb_per_cpu_s"] / runs[base]["mb_per_cpu_s"]
+                report[f"ours_vs_{base}"] = {"wall": ratio, "cpu": cpu_ratio}
+                print(f"ours / {base:<14} {ratio:6.2f}x wall-clock MB/s, {cpu_ratio:6.2f}x MB per CPU-second")
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
     finally:
