@@ -4,16 +4,17 @@
 
 1. Generates the recipe's model with random bf16 weights, tensor by tensor, as sharded
    safetensors under a temporary directory (deleted at the end).
-2. Baseline, in a child process: reads every tensor of those files through `safe_open` into
-   memory, one at a time (the raw read speed of the same files).
-3. Raw copy, in a child process: the same reads, each tensor's bytes written to one output
-   file beside them (what any converter must at least do; no conversion).
+2. Baseline, in a child process: reads every byte of those files into a reused buffer (the
+   raw read speed of the same files).
+3. Raw copy, in a child process: each tensor (safe_open) written to one output file beside
+   them (what any converter must at least do: read and write every byte; no conversion).
 4. Ours, in a child process: `qwen-pretrain convert hf-to-mcore` with the given layout.
 All read the files right after they were written, so all read from the page cache: the ratio
 compares like with like, the absolute speeds are page-cache speeds, not disk speeds. Writes go
 to --workdir: on a disk they are bounded by its write speed (raw copy shows that bound);
 `--workdir /dev/shm` measures the conversion without the disk.
-Peak RSS is each child's `ru_maxrss`; times are wall times of the work, without start-up.
+Peak RSS is each child's `ru_maxrss`; times are wall times of the work after start-up (Python
+and the imports of torch and the converter), for all three alike.
 """
 
 from __future__ import annotations
@@ -28,21 +29,24 @@ import tempfile
 import time
 from pathlib import Path
 
+# Every byte of the files, read into one reused buffer. (safe_open's get_tensor is no baseline:
+# with torch imported it returns tensors that map the file and reads nothing.)
 RAW_READ = """
 import sys, time
 from pathlib import Path
-from safetensors import safe_open
 t = time.perf_counter(); n = 0
+view = memoryview(bytearray(64 << 20))
 for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
-    with safe_open(str(f), "pt") as h:
-        for k in h.keys():
-            n += h.get_tensor(k).numel()
+    with open(f, "rb", buffering=0) as h:
+        while k := h.readinto(view):
+            n += k
 print(time.perf_counter() - t)
 """
 
 # The conversion as the CLI runs it, timed after start-up (imports) like the baselines.
 CONVERT = """
 import sys, time
+import qwen_pretrain.conversion.convert, torch
 from qwen_pretrain.launch.cli import main
 t = time.perf_counter()
 code = main(sys.argv[1:])
@@ -116,9 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="convert_bench_", dir=a.workdir))
     try:
         t = time.perf_counter()
-        size = generate(root / "hf", a.recipe)
-        gen_s = time.perf_counter() - t
         py = sys.executable
+        # in a child: ru_maxrss survives fork + exec, so the measured children must be forked
+        # from a small parent, not from one that held the generated tensors
+        gen = subprocess.run(
+            [py, "-c", f"from qwen_pretrain.benchmarks.convert_bench import generate; from pathlib import Path; "
+             f"print(generate(Path({str(root / 'hf')!r}), {a.recipe!r}))"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        size = int(gen.stdout.strip().splitlines()[-1])
+        gen_s = time.perf_counter() - t
         # each child runs under a wrapper that prints its own ru_maxrss (RUSAGE_CHILDREN would
         # report the max over all children)
         wrap = (
@@ -140,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         convert_script.write_text(CONVERT)
 
         def measured(args: list[str]) -> tuple[float, float, str]:
+            os.sync()  # each child starts with no dirty pages left by the one before
             t0 = time.perf_counter()
             proc = subprocess.run([py, "-c", wrap, *args], capture_output=True, text=True, check=False)
             wall = time.perf_counter() - t0

@@ -156,28 +156,33 @@ class LegacyWriter:
         args: argparse.Namespace,
     ) -> None:
         import torch
-        from torch._subclasses.fake_tensor import FakeTensorMode
 
         files: dict[tuple[int, int, int], dict[str, dict[str, Any]]] = {}
-        with FakeTensorMode():
-            for rank, name, meta in planned:
-                key = (rank.tp_rank, rank.pp_rank, rank.ep_rank)
-                model_key = "model" if layout.vpp is None else f"model{rank.vpp_rank}"
-                fake = None if meta is None else torch.empty(meta.shape, dtype=meta.dtype)
-                files.setdefault(key, {}).setdefault(model_key, {})[name] = fake
+        for rank, name, meta in planned:
+            key = (rank.tp_rank, rank.pp_rank, rank.ep_rank)
+            model_key = "model" if layout.vpp is None else f"model{rank.vpp_rank}"
+            files.setdefault(key, {}).setdefault(model_key, {})[name] = meta
         self._where: dict[tuple[tuple[int, int, int], str, str], tuple[Path, int, int]] = {}
-        for key, models in sorted(files.items()):
+        for key, metas in sorted(files.items()):
             rank_dir = iter_dir / legacy_rank_dir(layout, *key)
             rank_dir.mkdir(parents=True, exist_ok=True)
             path = rank_dir / "model_optim_rng.pt"
+            # Uninitialised CPU tensors stand in for the data: skip_data never reads them, and
+            # memory never touched is address space only (it does not count in RSS).
+            models = {
+                mk: {n: None if m is None else torch.empty(m.shape, dtype=m.dtype) for n, m in state.items()}
+                for mk, state in metas.items()
+            }
             payload = {**models, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "args": args}
-            with torch.serialization.skip_data(materialize_fake_tensors=True):
+            with torch.serialization.skip_data():
                 torch.save(payload, path)
-            self._locate(path, key, models)
+            del payload, models
+            self._locate(path, key, metas)
         self._fds: dict[Path, int] = {}
 
     def _locate(self, path: Path, key: tuple[int, int, int], models: dict[str, dict[str, Any]]) -> None:
-        """Record offset of every tensor: torch.save numbers storages in pickling order."""
+        """`models`: the meta tensors (or None) of the file, in the order they were saved."""
+        # torch.save numbers storages in pickling order
         import zipfile
 
         import torch
