@@ -41,7 +41,8 @@ PROBE_TEXTS: tuple[str, ...] = (
     "\x00\x01\x7f control \u200b zero width \ufeff bom",
     "Здравствуй, мир! مرحبا بالعالم नमस्ते दुनिया こんにちは 안녕하세요",
     " " * 300 + "x" + "\n" * 50,
-    # U+07F3 then U+07FD: NFC swaps them (combining classes 230 > 220); gigatoken 0.10.0 does not
+    # U+07F3 then U+07FD: Python's NFC and gigatoken 0.10.0 swap them (classes 230 > 220),
+    # tokenizers 0.23.3 does not (U+07FD is Unicode 11): the two backends' ids differ here
     "N'Ko marks \u07eb-\u07f3\u07fd and Arabic \u0650\u064b Hebrew \u05b4\u05b0 e\u0301\u0323",
     "Hangul jamo \u1100\u1161\u11a8 and Oriya \u0b47\u0b3e compose under NFC",
 )
@@ -100,8 +101,9 @@ class Tokenizer:
 
         With gigatoken, a document whose text NFC normalization would change, or which holds
         code points unassigned in Python's Unicode tables, is encoded by the reference
-        (`tokenizers`) instead: gigatoken 0.10.0's NFC misorders some combining marks
-        (found on real text: U+07F3 U+07FD). `parallel` (gigatoken only): None lets gigatoken
+        (`tokenizers`) instead: gigatoken 0.10.0 and tokenizers 0.23.3 normalize some
+        combining-mark sequences differently (found on real text: U+07F3 U+07FD, which
+        gigatoken reorders as Python's NFC does and tokenizers does not); the reference wins. `parallel` (gigatoken only): None lets gigatoken
         use its thread pool except inside a worker process; False keeps the calling thread.
         """
         if self.backend != "gigatoken":
