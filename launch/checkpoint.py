@@ -138,12 +138,23 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    load_dir: str, models: list[Any], optimizer: Any, scheduler: Any
+    load_dir: str,
+    models: list[Any],
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    shape: Any = None,
+    tp: int | None = None,
 ) -> TrainState | None:
     """Restore the latest checkpoint under `load_dir` (all ranks); None when there is none.
 
-    RNG states come back only when the world size matches the saving run (a resharded resume
-    starts fresh RNG streams, which only matters with dropout).
+    A checkpoint of this trainer resumes exactly (model, optimizer, scheduler, data position,
+    RNG). RNG states come back only when the world size matches the saving run (a resharded
+    resume starts fresh RNG streams, which only matters with dropout). A checkpoint that holds
+    only weights (`qwen-pretrain convert hf-to-mcore`, or any torch_dist model without training
+    state) starts a new run from them at step 0 with a fresh optimizer, as Megatron-LM's
+    `--finetune` does. With `shape` and `tp`, a vocabulary padded for another TP is refused
+    first with a one-line error instead of a shape mismatch deep inside dist_checkpointing.
     """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -156,7 +167,14 @@ def load_checkpoint(
     path = iter_dir(load_dir, iteration)
     if not path.is_dir():
         raise UserError(f"--load {load_dir}: {TRACKER_FILE} names {path.name}, which is missing")
+    if shape is not None and tp is not None:
+        from qwen_pretrain.conversion.checkpoints import check_torch_dist_tp
+
+        check_torch_dist_tp(Path(load_dir), shape, tp)
     common = dist_checkpointing.load_common_state_dict(str(path))
+    if "train_state" not in common:
+        _load_weights_only(path, models, optimizer)
+        return TrainState()
     init_torch_adam_state(optimizer)
     sd = _sharded_state_dict(models, optimizer, scheduler, TrainState(), is_loading=True)
     if int(common.get("world_size", -1)) != dist.get_world_size():
@@ -175,3 +193,17 @@ def load_checkpoint(
         _set_rng_state(loaded["rng_state"])
     ts = loaded["train_state"]
     return TrainState(int(ts["iteration"]), int(ts["consumed_samples"]), ts.get("val_loss"))
+
+
+def _load_weights_only(path: Path, models: list[Any], optimizer: Any) -> None:
+    """Model weights from a checkpoint without training state; the optimizer starts fresh."""
+    from megatron.core import dist_checkpointing
+
+    keys = ["model" if len(models) == 1 else f"model{i}" for i in range(len(models))]
+    # Tensors are matched by their global names, so the top-level keys need not match the file's.
+    sd = {key: model.sharded_state_dict() for key, model in zip(keys, models)}
+    loaded = dist_checkpointing.load(sd, str(path))
+    for key, model in zip(keys, models):
+        model.load_state_dict(loaded[key])
+    # bf16 runs keep fp32 main copies of the weights in the optimizer: refresh them.
+    optimizer.reload_model_params()

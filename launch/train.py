@@ -286,10 +286,15 @@ def train(recipe: Recipe, opts: TrainOptions) -> TrainResult:
         writer.print = lambda line: None  # type: ignore[method-assign]
     state = TrainState()
     if opts.load:
-        loaded = load_checkpoint(opts.load, s.models, s.optimizer, s.scheduler)
+        loaded = load_checkpoint(
+            opts.load, s.models, s.optimizer, s.scheduler, shape=recipe.model, tp=recipe.parallel.tp
+        )
         if loaded is not None:
             state = loaded
-            writer.print(f"Resumed from {opts.load} at step {state.iteration}")
+            if state.iteration:
+                writer.print(f"Resumed from {opts.load} at step {state.iteration}")
+            else:
+                writer.print(f"Loaded weights from {opts.load} (no training state): starting at step 0")
     result = TrainResult()
     end = t.train_steps if opts.stop_after is None else min(opts.stop_after, t.train_steps)
     writer.print(

@@ -3,8 +3,8 @@ two torchrun processes (gloo, TP=2) into the trainer's GPTModel chunks, same los
 
 Real parts: a `transformers` Qwen3 model with the qwen3_tiny shape (real vocabulary 151936),
 `hf_to_mcore`, torchrun, megatron-core `dist_checkpointing`, `launch.parallel` (the trainer's
-process groups and model builder). What it does not cover yet: `qwen-pretrain train --load`
-itself, whose loader also requires optimizer state (see the README's conversion section).
+process groups and model builder); and `qwen-pretrain train --load` itself on a converted
+checkpoint (weights only, step 0, fresh optimizer).
 """
 
 from __future__ import annotations
@@ -121,3 +121,31 @@ def test_torch_dist_of_another_tp_padding_is_refused_by_name(tmp_path: Path, cap
         ck.check_torch_dist_tp(tmp_path / "tp1", shape, 2)
     assert "\n" not in str(err.value)
     assert ck.loadable_tps(shape, 152064)[:2] == [2, 3]
+
+
+def test_train_load_starts_from_converted_weights(tmp_path: Path, port: int) -> None:
+    """`qwen-pretrain train --load` on a converted checkpoint: weights only, step 0, fresh optimizer.
+
+    The HF weights are drawn wide (N(0, 0.5)), so their first-step loss is far above the
+    ~ln(vocab) = 11.93 of megatron's small-std initialisation: a run that ignored the loaded
+    weights could not log it.
+    """
+    import math
+    import re
+
+    recipe = get_recipe(RECIPE)
+    hf = _hf_model(tmp_path / "hf")
+    hf_to_mcore(hf, tmp_path / "mcore", tp=recipe.parallel.tp, fmt="torch_dist", quiet=True)
+    cmd = [
+        sys.executable, "-m", "qwen_pretrain.launch.cli", "train", "--recipe", RECIPE, "--mock-data",
+        "--nproc", str(recipe.gpus), "--train-steps", "2", "--eval-interval", "0",
+        "--load", str(tmp_path / "mcore"), "--log-dir", str(tmp_path / "logs"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "Loaded weights from" in out and "starting at step 0" in out
+    losses = [float(x) for x in re.findall(r"reduced_train_loss: ([0-9.eE+-]+|nan|inf)", out)]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses), out[-2000:]
+    assert losses[0] > math.log(recipe.model.padded_vocab_size(recipe.parallel.tp)) + 1.0, losses
