@@ -17,21 +17,17 @@ import subprocess
 import sys
 from typing import Any
 
+from qwen_pretrain.recipes.cli_args import add_recipe_args
 from qwen_pretrain.recipes.errors import UserError
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", required=True, help="recipe name (see `qwen-pretrain recipes list`)")
-    layout = p.add_argument_group("layout (defaults: the recipe's)")
-    for flag in ("tp", "pp", "vpp", "cp", "ep", "etp", "mbs", "gbs", "seq-length", "seed", "train-steps"):
-        layout.add_argument(f"--{flag}", type=int, default=None)
-    layout.add_argument("--sp", dest="sequence_parallel", action=argparse.BooleanOptionalAction, default=None,
-                        help="sequence parallelism (--no-sp to turn it off)")
-    layout.add_argument("--eval-interval", type=int, default=None, help="validate every N steps (0: never)")
-    layout.add_argument("--eval-iters", type=int, default=None, help="global batches per validation")
-    layout.add_argument("--lr", type=float, default=None)
-    layout.add_argument("--off-benchmark", action="store_true",
-                        help="allow changing what the acceptance table fixes (gbs, seq length, seed, GPUs)")
+    # The recipe overrides every recipe-taking command shares; the GPU count is the world size.
+    add_recipe_args(p, gpus_option=False, recompute_option=False)
+    training = p.add_argument_group("training (defaults: the recipe's)")
+    training.add_argument("--eval-interval", type=int, default=None, help="validate every N steps (0: never)")
+    training.add_argument("--eval-iters", type=int, default=None, help="global batches per validation")
+    training.add_argument("--lr", type=float, default=None)
     data = p.add_argument_group("data")
     src = data.add_mutually_exclusive_group()
     src.add_argument("--data-path", nargs="+", metavar="W_OR_PREFIX",
@@ -57,16 +53,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def recipe_from_args(args: argparse.Namespace, world_size: int | None = None) -> Any:
     """The recipe with the command line's overrides, validated for `world_size` processes."""
     from qwen_pretrain.launch import data as data_mod
-    from qwen_pretrain.recipes import check_layout, get_recipe, override
+    from qwen_pretrain.recipes import check_layout
+    from qwen_pretrain.recipes.cli_args import recipe_from_args as shared_recipe_from_args
 
-    recipe = get_recipe(args.recipe)
-    recipe = override(
-        recipe,
-        gpus=world_size,
-        off_benchmark=args.off_benchmark,
-        tp=args.tp, pp=args.pp, vpp=args.vpp, cp=args.cp, ep=args.ep, etp=args.etp,
-        sequence_parallel=args.sequence_parallel, mbs=args.mbs, gbs=args.gbs,
-        seq_length=args.seq_length, seed=args.seed, train_steps=args.train_steps,
+    recipe = shared_recipe_from_args(
+        args, gpus=world_size, validate=False,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, lr=args.lr,
     )
     data = recipe.data
