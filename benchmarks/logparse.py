@@ -16,6 +16,13 @@ non-UTF-8 bytes never stop the parser (keys and numbers are ASCII). In each bloc
   4. anything before the record start (`[rank3]:`, `[default0]:`, timestamps) is ignored;
      lines before the first step are read for format markers and Megatron's argument dump.
 
+Once the log's first layout is learned, the rest of it goes column-wise (`ColumnScan`): one regex
+pass per block splits every line of that layout into its values, all of which one C-level
+`map(float, ...)` converts; lines of other layouts are parsed by key in place, and a block with
+something odd in it (records glued on one line, a value that is not a number) goes back to the
+record-by-record loop. Both give the same records: tests compare them on written and random logs
+check it, line numbers and printed-`nan`-versus-absent included.
+
 The formats themselves (keys, families, detection) live in `logformats.py`.
 """
 
@@ -25,9 +32,11 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from operator import itemgetter
+from itertools import chain
+from operator import attrgetter, itemgetter, methodcaller
 from pathlib import Path
 
+import numpy as np
 from qwen_pretrain.benchmarks.logformats import (  # noqa: F401  (re-exported: the parser's public names)
     FAMILY_OF_FORMAT,
     FORMATS,
@@ -118,6 +127,7 @@ class Layout:
     fullmatch: Callable[[bytes], re.Match[bytes] | None]
     fields: bytes  # the pattern of the fields, for the block scanner
     n_groups: int
+    columns: tuple[int, ...]  # the VALUE_FIELDS column (or STEP_COLUMN) of each group
     step_pos: int | None  # group holding the global step; None: use the iteration number
     getter: Callable[[list[float]], tuple[float, ...]]  # groups + [ABSENT] -> VALUE_FIELDS order
     scaled: tuple[tuple[int, float], ...]  # (group, scale)
@@ -141,7 +151,8 @@ def learn_layout(family: LineFamily, segment: bytes) -> Layout | None:
             return None
         part = rb"\|[ \t]*" + re.escape(key) + rb"[ \t]*:"
         if key in family.column_of:
-            parts.append(part + rb"([^|\n\r]*)")
+            # The value as one token: a value with spaces inside is not a layout line (by key then).
+            parts.append(part + rb"[ \t]*([^ \t|\n\r]*)[ \t]*")
             columns.append(family.column_of[key])
         else:
             parts.append(part + rb"[^|\n\r]*")
@@ -149,12 +160,14 @@ def learn_layout(family: LineFamily, segment: bytes) -> Layout | None:
         return None
     fields_pattern = b"".join(parts) + rb"(?:\|[ \t]*)?"
     pattern = re.compile(fields_pattern)
+    if pattern.fullmatch(segment) is None:  # e.g. a value with a space in it
+        return None
     absent = len(columns)  # index of the ABSENT appended after the groups
     getter = itemgetter(*(columns.index(c) if c in columns else absent for c in range(len(VALUE_FIELDS))))
     scale = dict(family.scaled)
     scaled = tuple((i, scale[c]) for i, c in enumerate(columns) if c in scale)
     step_pos = columns.index(STEP_COLUMN) if STEP_COLUMN in columns else None
-    return Layout(pattern.fullmatch, fields_pattern, len(columns), step_pos, getter, scaled)
+    return Layout(pattern.fullmatch, fields_pattern, len(columns), tuple(columns), step_pos, getter, scaled)
 
 
 def _record(raw: RawRecord) -> StepRecord:
@@ -324,10 +337,10 @@ def _detect(scan: LogScan, colon: bytes, segment: bytes) -> LineFamily | None:
 
 
 def _parse_with_layouts(family: LineFamily, layouts: list[Layout], rest: bytes, iteration: bytes,
-                        line_no: int, skip: int = 0) -> tuple[RawRecord | None, bool]:
-    """The record through a layout (past the first `skip`), else by key (then its layout is
-    learned). Returns (record, whether a layout was learned)."""
-    for layout in layouts[skip:]:
+                        line_no: int) -> RawRecord | None:
+    """The record through a learned layout if one fits exactly, else by key (then its layout is
+    learned, up to MAX_LAYOUTS)."""
+    for layout in layouts:
         fm = layout.fullmatch(rest)
         if fm is None:
             continue
@@ -339,96 +352,188 @@ def _parse_with_layouts(family: LineFamily, layouts: list[Layout], rest: bytes, 
         step = ABSENT if layout.step_pos is None else numbers[layout.step_pos]
         numbers.append(ABSENT)
         step = int(round(step)) if math.isfinite(step) else int(iteration)
-        return (step, line_no, list(layout.getter(numbers))), False
+        return step, line_no, list(layout.getter(numbers))
     record = _parse_values(family, rest, iteration, line_no)
     if record is None or len(layouts) >= MAX_LAYOUTS or any(lay.fullmatch(rest) for lay in layouts):
-        return record, False
+        return record
     layout = learn_layout(family, rest)
     if layout is not None:
         layouts.append(layout)
-    return record, layout is not None
+    return record
 
 
 @dataclass
 class Batch:
-    """The records of one block, column-wise: steps, line numbers, values row after row."""
+    """The records of one block, column-wise (numpy): steps, line numbers, values row by row."""
 
-    steps: list[int] = field(default_factory=list)
-    line_nos: list[int] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)  # len(VALUE_FIELDS) per record, ABSENT = not printed
+    steps: np.ndarray  # int64 (N,)
+    line_nos: np.ndarray  # int64 (N,)
+    values: np.ndarray  # float64 (N, len(VALUE_FIELDS)); NaN where absent or printed `nan`
+    absent: np.ndarray  # bool, broadcastable to values: True where the line did not print the field
 
-    def add(self, record: RawRecord) -> None:
-        self.steps.append(record[0])
-        self.line_nos.append(record[1])
-        self.values.extend(record[2])
+    @classmethod
+    def from_rows(cls, steps: list[int], line_nos: list[int], flat_values: list[float]) -> Batch:
+        """From row-major Python values in which ABSENT marks a field the line did not print."""
+        width = len(VALUE_FIELDS)
+        absent = np.fromiter((v is ABSENT for v in flat_values), bool, len(flat_values)).reshape(-1, width)
+        return cls(np.array(steps, np.int64), np.array(line_nos, np.int64),
+                   np.array(flat_values, np.float64).reshape(-1, width), absent)
+
+    def __len__(self) -> int:
+        return len(self.steps)
 
     def records(self) -> Iterator[RawRecord]:
-        width = len(VALUE_FIELDS)
-        for i, (step, line_no) in enumerate(zip(self.steps, self.line_nos)):
-            yield step, line_no, self.values[i * width:(i + 1) * width]
+        absent = np.broadcast_to(self.absent, self.values.shape).tolist()
+        for step, line_no, row, gone in zip(self.steps.tolist(), self.line_nos.tolist(), self.values.tolist(), absent):
+            yield step, line_no, [ABSENT if g else v for v, g in zip(row, gone)]
 
 
-def _block_scanner(layout: Layout) -> Callable[[bytes], Iterator[re.Match[bytes]]]:
-    """RECORD_LINE with the log's main layout folded in: a line with exactly that layout comes
-    out with its values already in groups 4..; any other step line comes out whole in the last
-    group. One regex pass per block does both the finding and the field splitting."""
-    return re.compile(
-        RECORD_PREFIX + rb"(?:" + layout.fields + rb"(?=[\r\n]|\Z)|([^\n\r]*))"
-    ).finditer
+def _concat(batches: list[Batch]) -> Batch:
+    if len(batches) == 1:
+        return batches[0]
+    width = len(VALUE_FIELDS)
+    return Batch(np.concatenate([b.steps for b in batches]), np.concatenate([b.line_nos for b in batches]),
+                 np.concatenate([b.values for b in batches]),
+                 np.concatenate([np.broadcast_to(b.absent, (len(b), width)) for b in batches]))
 
 
-def _records(scan: LogScan, progress: Callable[[int], None] | None) -> Iterator[Batch]:
-    """Step records, a Batch per block, found with one regex scan per block: lines without a
-    record cost no Python; until the first step, the lines are read for markers and hints."""
-    seen_step = False
-    lines_before_block = 0
-    layouts: list[Layout] = []
-    main: Layout | None = None  # the first layout learned: nearly every line of a log
-    step_pos = getter = None
-    scaled: tuple[tuple[int, float], ...] = ()
-    values_end = 0
-    isfinite = math.isfinite
-    for block in _iter_blocks(scan, progress):
-        if b"\x1b" in block:
-            block = ANSI_ESCAPE.sub(b"", block)  # colours may sit between key and value
-        batch = Batch()
-        steps_append, lines_append, values_extend = batch.steps.append, batch.line_nos.append, batch.values.extend
-        line_no, counted_to, header_from = lines_before_block + 1, 0, 0
-        count = block.count
-        if main is None and layouts:
-            main = layouts[0]
-            scanner, rest_group = _block_scanner(main), 4 + main.n_groups
-            step_pos, getter, scaled, values_end = main.step_pos, main.getter, main.scaled, 3 + main.n_groups
-        elif main is None:
-            scanner, rest_group = RECORD_LINE.finditer, 4
-        for m in scanner(block):
-            start = m.start()
-            line_no += count(b"\n", counted_to, start)
-            counted_to = start
-            rest = m.group(rest_group)
-            if rest is None:  # the main layout matched: the fast path
-                groups = m.groups()[3:values_end]
+@dataclass(frozen=True)
+class ColumnScan:
+    """A log's main layout as one regex over a whole block, converted column-wise.
+
+    Nearly every step line of a log has the same fields in the same places. One `finditer` per
+    block finds them with their values already split into groups, and the values of all of them
+    go through a single `map(float, ...)`: the per-line Python work of the general loop is gone,
+    which is what makes every-line-a-step logs fast. A step line in any other layout matches the
+    pattern's second branch and is parsed by key, in place.
+    """
+
+    layout: Layout
+    finditer: Callable[[bytes, int], Iterator[re.Match[bytes]]]
+    groups: Callable[[re.Match[bytes]], tuple[bytes, ...]]  # iteration, then the layout's values
+    last_group: int  # Match.lastindex of a line in the main layout
+    value_groups: list[int]  # layout groups that hold a VALUE_FIELDS column (not the step)
+    value_columns: list[int]  # ... and those columns
+    absent: np.ndarray  # bool (len(VALUE_FIELDS),): columns this layout does not print
+
+    @classmethod
+    def of(cls, layout: Layout) -> ColumnScan:
+        n = layout.n_groups
+        pattern = re.compile(
+            rb"iteration:?[ \t]*(\d+)[ \t]*/[ \t]*\d+(?:" + layout.fields + rb"(?=[\r\n]|\Z)|()[^\n\r]*)")
+        value_groups = [g for g, c in enumerate(layout.columns) if c != STEP_COLUMN]
+        value_columns = [layout.columns[g] for g in value_groups]
+        absent = np.ones(len(VALUE_FIELDS), bool)
+        absent[value_columns] = False
+        return cls(layout, pattern.finditer, methodcaller("group", *range(1, n + 2)), n + 1,
+                   value_groups, value_columns, absent)
+
+    def numbers(self, matches: list[re.Match[bytes]]) -> np.ndarray | None:
+        """(N, 1 + n_groups) floats: the iteration, then the layout's values, scaled; None when a
+        value is not a number (a glued record, say): the general loop takes the block then."""
+        try:
+            flat = list(map(float, chain.from_iterable(map(self.groups, matches))))
+        except ValueError:  # `12.9K` somewhere: parse column by column, the slow way where needed
+            flat = []
+            for column in zip(*map(self.groups, matches)):
                 try:
-                    numbers = list(map(float, groups))
-                except ValueError:  # `12.9K`, or a glued record right after a number
-                    numbers = list(map(parse_number, groups))
-                if None not in numbers:
-                    for i, scale in scaled:
-                        numbers[i] *= scale
-                    step = ABSENT if step_pos is None else numbers[step_pos]
-                    numbers.append(ABSENT)
-                    steps_append(int(round(step)) if isfinite(step) else int(m.group(2)))
-                    lines_append(line_no)
-                    values_extend(getter(numbers))
-                    continue
-                rest = block[m.end(3):m.end()]
-            # (Megatron-LM's fields say "iteration" too: only a second `iteration N/M` is a glued record.)
-            if seen_step and not (b"iteration" in rest and RECORD_START.search(rest)):
-                record, _ = _parse_with_layouts(scan.family, layouts, rest, m.group(2), line_no,
-                                                skip=1 if main is not None else 0)
-                if record is not None:
-                    batch.add(record)
+                    flat.append(list(map(float, column)))
+                except ValueError:
+                    values = list(map(parse_number, column))
+                    if None in values:
+                        return None
+                    flat.append(values)
+            numbers = np.array(flat, np.float64).T
+        else:
+            numbers = np.array(flat, np.float64).reshape(len(matches), self.last_group)
+        for g, scale in self.layout.scaled:
+            numbers[:, 1 + g] *= scale
+        return numbers
+
+    def block(self, scan: LogScan, layouts: list[Layout], block: bytes, pos: int, first_line: int) -> Batch | None:
+        """The records of `block[pos:]` (`first_line`: the line number at the start of `block`),
+        or None when a line needs the general loop (records glued on one line, non-numbers)."""
+        matches = list(self.finditer(block, pos))
+        width = len(VALUE_FIELDS)
+        if not matches:
+            return Batch(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, width)), self.absent)
+        newlines = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+        starts = np.fromiter(map(re.Match.start, matches), np.int64, len(matches))
+        line_nos = first_line + np.searchsorted(newlines, starts)
+        in_layout = np.fromiter(map(LASTINDEX, matches), np.int64, len(matches)) == self.last_group
+        if in_layout.all():
+            numbers = self.numbers(matches)
+            if numbers is None:
+                return None
+            return Batch(self._steps(numbers), line_nos, self._values(numbers), self.absent)
+
+        # Some lines in another layout (validation lines, say): those by key, the rest column-wise.
+        n = len(matches)
+        steps, keep = np.zeros(n, np.int64), np.ones(n, bool)
+        values, absent = np.full((n, width), np.nan), np.zeros((n, width), bool)
+        main = np.flatnonzero(in_layout)
+        if len(main):
+            numbers = self.numbers([matches[i] for i in main])
+            if numbers is None:
+                return None
+            steps[main], values[main], absent[main] = self._steps(numbers), self._values(numbers), self.absent
+        for i in np.flatnonzero(~in_layout).tolist():
+            m = RECORD_LINE.match(block, matches[i].start())
+            rest = m.group(4)
+            if b"iteration" in rest and RECORD_START.search(rest):
+                return None  # records glued on one line
+            record = _parse_with_layouts(scan.family, layouts, rest, m.group(2), int(line_nos[i]))
+            if record is None:
+                keep[i] = False
                 continue
+            steps[i] = record[0]
+            values[i] = record[2]
+            absent[i] = [v is ABSENT for v in record[2]]
+        return Batch(steps[keep], line_nos[keep], values[keep], absent[keep])
+
+    def _steps(self, numbers: np.ndarray) -> np.ndarray:
+        iteration = numbers[:, 0]
+        if self.layout.step_pos is None:
+            return iteration.astype(np.int64)
+        printed = numbers[:, 1 + self.layout.step_pos]
+        return np.where(np.isfinite(printed), np.rint(printed), iteration).astype(np.int64)  # `3.1e+4`
+
+    def _values(self, numbers: np.ndarray) -> np.ndarray:
+        values = np.full((len(numbers), len(VALUE_FIELDS)), np.nan)
+        values[:, self.value_columns] = numbers[:, [1 + g for g in self.value_groups]]
+        return values
+
+
+LASTINDEX = attrgetter("lastindex")
+
+
+def _general_block(scan: LogScan, layouts: list[Layout], block: bytes, pos: int, first_line: int,
+                   seen_step: bool, stop_at_layout: bool) -> tuple[Batch, int, bool]:
+    """Records of `block[pos:]` one match at a time: the first lines of a log (format detection,
+    markers, header hints), and blocks the column path hands back. With `stop_at_layout` it stops
+    after the line that taught the first layout. Returns (batch, where it stopped, seen_step)."""
+    steps: list[int] = []
+    line_nos: list[int] = []
+    flat: list[float] = []
+    line_no, counted_to, header_from = first_line + block.count(b"\n", 0, pos), pos, pos
+    stop = len(block)
+
+    def add(record: RawRecord) -> None:
+        steps.append(record[0])
+        line_nos.append(record[1])
+        flat.extend(record[2])
+
+    for m in RECORD_LINE.finditer(block, pos):
+        start = m.start()
+        line_no += block.count(b"\n", counted_to, start)
+        counted_to = start
+        rest = m.group(4)
+        # (Megatron-LM's fields say "iteration" too: only a second `iteration N/M` is a glued record.)
+        if seen_step and not (b"iteration" in rest and RECORD_START.search(rest)):
+            record = _parse_with_layouts(scan.family, layouts, rest, m.group(2), line_no)
+            if record is not None:
+                add(record)
+        else:
             if not seen_step:
                 _note_header(scan, block[header_from:start])
                 header_from = m.end()
@@ -436,9 +541,36 @@ def _records(scan: LogScan, progress: Callable[[int], None] | None) -> Iterator[
                 family = scan.family or _detect(scan, colon, segment)
                 if family is not None and (record := _parse_values(family, segment, iteration, line_no)) is not None:
                     seen_step = True
-                    batch.add(record)
-        if not seen_step:
-            _note_header(scan, block[header_from:])
-        lines_before_block += count(b"\n")
-        yield batch
-    scan.lines = lines_before_block
+                    add(record)
+        if stop_at_layout and layouts:
+            stop = m.end()
+            break
+    if not seen_step:
+        _note_header(scan, block[header_from:])
+    return Batch.from_rows(steps, line_nos, flat), stop, seen_step
+
+
+def _records(scan: LogScan, progress: Callable[[int], None] | None) -> Iterator[Batch]:
+    """Step records, a Batch per block: by the general loop until the log's main layout is
+    learned (on its first step lines), then column-wise (`ColumnScan`)."""
+    seen_step = False
+    layouts: list[Layout] = []
+    columns: ColumnScan | None = None
+    first_line = 1
+    for block in _iter_blocks(scan, progress):
+        if b"\x1b" in block:
+            block = ANSI_ESCAPE.sub(b"", block)  # colours may sit between key and value
+        parts, pos = [], 0
+        if columns is None:
+            batch, pos, seen_step = _general_block(scan, layouts, block, 0, first_line, seen_step, stop_at_layout=True)
+            parts.append(batch)
+            if layouts:
+                columns = ColumnScan.of(layouts[0])
+        if columns is not None and pos < len(block):
+            batch = columns.block(scan, layouts, block, pos, first_line)
+            if batch is None:
+                batch = _general_block(scan, layouts, block, pos, first_line, seen_step, stop_at_layout=False)[0]
+            parts.append(batch)
+        first_line += block.count(b"\n")
+        yield _concat(parts)
+    scan.lines = first_line - 1

@@ -12,8 +12,6 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import islice
-from operator import lt
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +70,11 @@ class StepTable:
     def add_batch(self, batch: Batch) -> None:
         """A block's records; steps that only go up (the usual case) are appended in one go."""
         steps = batch.steps
-        if not steps:
+        if not len(steps):
             return
-        if (not self.steps or steps[0] > self.steps[-1]) and all(map(lt, steps, islice(steps, 1, None))):
-            self.steps.extend(steps)
-            self.data.extend(batch.values)
+        if (not self.steps or steps[0] > self.steps[-1]) and bool(np.all(steps[1:] > steps[:-1])):
+            self.steps.frombytes(steps.astype(np.int64).tobytes())
+            self.data.frombytes(np.ascontiguousarray(batch.values, np.float64).tobytes())
             return
         for step, line_no, row in batch.records():
             self.put(step, line_no, row)

@@ -4,6 +4,8 @@ REFERENCE.md section 4, each with a log written for it in tmp_path."""
 from __future__ import annotations
 
 import math
+import random
+import re
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +14,9 @@ import pytest
 from qwen_pretrain.benchmarks.logparse import FORMATS, iter_records, parse_line, parse_number
 from qwen_pretrain.benchmarks.runs import Derivation, averaging_window, parse_run
 from qwen_pretrain.benchmarks.synthetic import (
+    HEADERS,
+    LINE_OF_FORMAT,
+    NOISE,
     Step,
     megatron_line,
     nemo_line,
@@ -382,18 +387,85 @@ def test_fast_path_layouts_give_the_same_table_as_the_by_key_path(tmp_path, monk
     logs = [write(tmp_path / "mixed.log", text), write(tmp_path / "glued.log", "\n".join(glued)),
             write(tmp_path / "meg.log", "\n".join(meg))]
     logs += [write_run(tmp_path / f"{fmt}.log", fmt, steps_of(30), noise_every=3) for fmt in FORMATS]
+    nan_loss = [nemo_line(s) for s in steps_of(30, seed=7)]
+    for i in (14, 15):  # a printed nan (not None) inside the main layout's run
+        nan_loss[i] = re.sub(r"reduced_train_loss: \S+", "reduced_train_loss: nan", nan_loss[i])
+    logs.append(write(tmp_path / "nan.log", "\n".join(nan_loss)))
+    derivation = Derivation(seq_length=4096, gpus=8)
     for path in logs:
-        # small blocks: the block scanner with the main layout folded in runs from block 2 on,
-        # and records sit on block boundaries
-        monkeypatch.setattr(logparse, "BLOCK_BYTES", 1500)
-        fast = parse_run(path, allow_short=True, derivation=Derivation(seq_length=4096, gpus=8))
-        monkeypatch.undo()
-        monkeypatch.setattr(logparse, "MAX_LAYOUTS", 0)
-        slow = parse_run(path, allow_short=True, derivation=Derivation(seq_length=4096, gpus=8))
-        monkeypatch.undo()
-        assert list(fast.table.steps) == list(slow.table.steps), path.name
-        assert fast.table.data.tobytes() == slow.table.data.tobytes(), path.name
-        assert fast.to_json() == slow.to_json()
+        for block_bytes in (1500, logparse.BLOCK_BYTES):
+            # small blocks: records sit on block boundaries; the column path runs from the line
+            # after the first learned layout on, in the first block as in later ones
+            monkeypatch.setattr(logparse, "BLOCK_BYTES", block_bytes)
+            fast = parse_run(path, allow_short=True, derivation=derivation)
+            fast_records = list(iter_records(path)[1])
+            monkeypatch.undo()
+            monkeypatch.setattr(logparse, "MAX_LAYOUTS", 0)  # no layout: every record by key
+            slow = parse_run(path, allow_short=True, derivation=derivation)
+            slow_records = list(iter_records(path)[1])
+            monkeypatch.undo()
+            assert list(fast.table.steps) == list(slow.table.steps), path.name
+            assert fast.table.data.tobytes() == slow.table.data.tobytes(), path.name
+            assert fast.to_json() == slow.to_json()
+            # line numbers, and None (not printed) against nan (printed nan), record by record
+            assert [repr(r) for r in fast_records] == [repr(r) for r in slow_records], path.name
+    assert any(r.loss is not None and math.isnan(r.loss) for r in iter_records(logs[-1])[1])
+
+
+def _random_log(path: Path, seed: int) -> Path:
+    """A log of a random format with the odd lines big logs have, at random places."""
+    rng = random.Random(seed)
+    fmt = rng.choice(sorted(LINE_OF_FORMAT))
+    steps = list(run_steps(rng.randint(5, 300), seed=seed))
+    lines = list(HEADERS[fmt])
+    for i, s in enumerate(steps):
+        if rng.random() < 0.1:
+            s = replace(s, val_loss=3.5)  # a second layout
+        if rng.random() < 0.03:
+            s = replace(s, loss=float("nan"))
+        line = LINE_OF_FORMAT[fmt](s)
+        r = rng.random()
+        if r < 0.02 and len(lines) > len(HEADERS[fmt]):
+            lines[-1] += "[rank1]: " + line  # glued to the line before
+            continue
+        if r < 0.04:
+            line = "\rEpoch 0: 50%|#####| 20/30\r" + line + "\r"
+        elif r < 0.06:
+            line = f"[rank{rng.randint(0, 7)}]: " + line
+        elif r < 0.08:
+            line = line.replace("|", "\x1b[32m|\x1b[0m", 2)
+        elif r < 0.09:
+            line = line.replace(" | ", " |  ", 3)
+        elif r < 0.10:
+            line += " | extra key: 1 2"
+        elif r < 0.11:
+            line = line.replace(": ", ": 12.5K ", 1)
+        lines.append(line)
+        if rng.random() < 0.05:
+            lines.extend(rng.sample(NOISE, 2))
+        if rng.random() < 0.01:  # a restart: some steps again
+            lines.extend(LINE_OF_FORMAT[fmt](x) for x in steps[max(0, i - 5):i])
+    path.write_bytes(("\n".join(lines) + ("\n" if rng.random() < 0.5 else "")).encode())
+    return path
+
+
+@pytest.mark.parametrize("block_bytes", [300, 1500, 1 << 22])
+def test_random_logs_column_path_equals_record_by_record(tmp_path, monkeypatch, block_bytes):
+    """Fuzz: on 40 random logs the column path gives what parsing every record by key gives."""
+    from qwen_pretrain.benchmarks import logparse
+
+    for seed in range(40):
+        path = _random_log(tmp_path / f"{seed}.log", seed)
+        results = []
+        for max_layouts in (logparse.MAX_LAYOUTS, 0):
+            monkeypatch.setattr(logparse, "BLOCK_BYTES", block_bytes)
+            monkeypatch.setattr(logparse, "MAX_LAYOUTS", max_layouts)
+            scan, records = iter_records(path)
+            records = [repr(r) for r in records]
+            run = parse_run(path, allow_short=True, derivation=Derivation(seq_length=4096, gpus=8))
+            results.append((records, run.to_json(), scan.lines, scan.format))
+            monkeypatch.undo()
+        assert results[0] == results[1], f"seed {seed}"
 
 
 def test_nemo_log_without_tokens_per_sec_can_be_derived(tmp_path):
