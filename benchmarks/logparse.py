@@ -20,8 +20,8 @@ Once the log's first layout is learned, the rest of it goes column-wise (`Column
 pass per block splits every line of that layout into its values, all of which one C-level
 `map(float, ...)` converts; lines of other layouts are parsed by key in place, and a block with
 something odd in it (records glued on one line, a value that is not a number) goes back to the
-record-by-record loop. Both give the same records: tests compare them on written and random logs
-check it, line numbers and printed-`nan`-versus-absent included.
+record-by-record loop. Both give the same records, line numbers and printed `nan` against absent
+included: tests compare them on written and on random logs.
 
 The formats themselves (keys, families, detection) live in `logformats.py`.
 """
