@@ -8,7 +8,9 @@
    raw read speed of the same files).
 3. Raw copy, in a child process: each tensor (safe_open) written to one output file beside
    them (what any converter must at least do: read and write every byte; no conversion).
-4. Ours, in a child process: `qwen-pretrain convert hf-to-mcore` with the given layout.
+4. Kernel copy, in a child process: each file copied whole with `os.copy_file_range` (no byte
+   passes through the process: the least any converter that writes its output must spend).
+5. Ours, in a child process: `qwen-pretrain convert hf-to-mcore` with the given layout.
 All read the files right after they were written, so all read from the page cache: the ratio
 compares like with like, the absolute speeds are page-cache speeds, not disk speeds. Writes go
 to --workdir: on a disk they are bounded by its write speed (raw copy shows that bound);
@@ -66,6 +68,20 @@ for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
         for k in h.keys():
             os.write(fd, h.get_tensor(k).reshape(-1).view(torch.uint8).numpy())
 os.close(fd)
+print(time.perf_counter() - t)
+"""
+
+KERNEL_COPY = """
+import os, sys, time
+from pathlib import Path
+t = time.perf_counter()
+out = Path(sys.argv[2]); out.mkdir()
+for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
+    src, dst = os.open(f, os.O_RDONLY), os.open(out / f.name, os.O_WRONLY | os.O_CREAT)
+    size, done = os.fstat(src).st_size, 0
+    while done < size:
+        done += os.copy_file_range(src, dst, size - done, done, done)
+    os.close(src); os.close(dst)
 print(time.perf_counter() - t)
 """
 
@@ -147,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         raw_script.write_text(RAW_READ)
         copy_script = root / "raw_copy.py"
         copy_script.write_text(RAW_COPY)
+        kernel_script = root / "kernel_copy.py"
+        kernel_script.write_text(KERNEL_COPY)
         convert_script = root / "convert.py"
         convert_script.write_text(CONVERT)
 
@@ -166,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         _, copy_rss, copy_out = measured([str(copy_script), str(root / "hf"), str(root / "copy.bin")])
         copy_s = float(copy_out.strip().splitlines()[-1])
         (root / "copy.bin").unlink()
+        _, _, kernel_out = measured([str(kernel_script), str(root / "hf"), str(root / "kernel_copy")])
+        kernel_s = float(kernel_out.strip().splitlines()[-1])
+        shutil.rmtree(root / "kernel_copy")
         conv_args = [
             str(convert_script), "convert", "hf-to-mcore", "--hf", str(root / "hf"),
             "--out", str(root / "mcore"), "--tp", str(a.tp), "--pp", str(a.pp), "--format", a.format, "--quiet",
@@ -185,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             "raw_read_peak_rss_gb": round(raw_rss, 3),
             "raw_copy_s": round(copy_s, 2),
             "raw_copy_gb_per_s": round(gb / copy_s, 3),
+            "kernel_copy_s": round(kernel_s, 2),
+            "kernel_copy_gb_per_s": round(gb / kernel_s, 3),
             "convert_s": round(conv_wall, 2),
             "convert_s_with_startup": round(conv_wall_startup, 2),
             "convert_gb_per_s": round(gb / conv_wall, 3),
@@ -193,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_target_gb": round(0.25 * gb + 1, 3),
             "throughput_fraction_of_raw_read": round((gb / conv_wall) / (gb / raw_read_s), 3),
             "throughput_fraction_of_raw_copy": round((gb / conv_wall) / (gb / copy_s), 3),
+            "throughput_fraction_of_kernel_copy": round((gb / conv_wall) / (gb / kernel_s), 3),
             "load": os.getloadavg(),
         }
         result["rss_ok"] = conv_rss <= result["rss_target_gb"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -137,6 +138,34 @@ def detect_format(iter_dir: Path) -> str:
 # ---------------------------------------------------------------- legacy
 
 
+USE_COPY_FILE_RANGE = True  # tests switch it off to run the sendfile path on one filesystem
+
+
+def copy_file_bytes(src: int, dst: int, nbytes: int, src_offset: int, dst_offset: int) -> None:
+    """Copy `nbytes` from one open file to another inside the kernel, at the given offsets.
+
+    `os.copy_file_range` (page cache to page cache, one copy, none through user memory); where
+    Linux refuses it (across filesystems: EXDEV), `os.sendfile` does the same from a seek position.
+    """
+    done = 0
+    kernel_copy = USE_COPY_FILE_RANGE
+    while done < nbytes:
+        if kernel_copy:
+            try:
+                n = os.copy_file_range(src, dst, nbytes - done, src_offset + done, dst_offset + done)
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                kernel_copy = False
+                continue
+        else:
+            os.lseek(dst, dst_offset + done, os.SEEK_SET)
+            n = os.sendfile(dst, src, src_offset + done, nbytes - done)
+        if n == 0:
+            raise RuntimeError(f"source file ended {nbytes - done} bytes short of the tensor")
+        done += n
+
+
 class LegacyWriter:
     """Legacy rank files written tensor by tensor, so memory holds one tensor, not one stage.
 
@@ -202,22 +231,36 @@ class LegacyWriter:
                 self._where[(key, model_key, name)] = (path, reader.get_record_offset(record), nbytes)
                 index += 1
 
-    def write(self, rank: RankCoord, name: str, pieces: list[Any], vpp: bool) -> None:
-        """Put one tensor in place, given as contiguous pieces whose bytes follow each other."""
+    def write(self, rank: RankCoord, name: str, pieces: list[Any], vpp: bool,
+              locate: Callable[[Any], tuple[int, int] | None] | None = None) -> None:
+        """Put one tensor in place, given as contiguous pieces whose bytes follow each other.
+
+        A piece that `locate` finds in a source file (fd, offset) is copied file to file by the
+        kernel (`copy_file_bytes`): its bytes never pass through this process. Others are written
+        from memory.
+        """
         import torch
 
         key = (rank.tp_rank, rank.pp_rank, rank.ep_rank)
         path, offset, nbytes = self._where.pop((key, f"model{rank.vpp_rank}" if vpp else "model", name))
-        views = [memoryview(p.reshape(-1).view(torch.uint8).numpy()) for p in pieces if p.numel()]
-        if sum(len(v) for v in views) != nbytes:
-            raise RuntimeError(f"internal: '{name}' has {sum(len(v) for v in views)} bytes, its record {nbytes}")
+        pieces = [p for p in pieces if p.numel()]
+        total = sum(p.numel() * p.element_size() for p in pieces)
+        if total != nbytes:
+            raise RuntimeError(f"internal: '{name}' has {total} bytes, its record {nbytes}")
         if path not in self._fds:
             self._fds[path] = os.open(path, os.O_WRONLY)
-        for view in views:  # one pwrite moves at most ~2 GB on Linux: loop
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self._fds[path], view[done:], offset + done)
-            offset += len(view)
+        fd = self._fds[path]
+        for piece in pieces:
+            size = piece.numel() * piece.element_size()
+            where = locate(piece) if locate is not None else None
+            if where is not None:
+                copy_file_bytes(where[0], fd, size, where[1], offset)
+            else:
+                view = memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy())
+                done = 0
+                while done < size:  # one pwrite moves at most ~2 GB on Linux: loop
+                    done += os.pwrite(fd, view[done:], offset + done)
+            offset += size
 
     @property
     def pending(self) -> int:

@@ -105,11 +105,11 @@ def hf_to_mcore(
             ranks = layout.ranks()
             writer = ck.LegacyWriter(iter_dir, layout, iter_stage_tensors(shape, layout, ranks, _cast(reader.meta, dtype)), args)
             bar = _progress(writer.pending, "hf-to-mcore", quiet)
-            reader.reuse_buffers()  # each item's shards are written before the next item is read
+            reader.map_files()  # views of the files: pieces that are plain byte ranges go file to file
             try:
                 for rank, name, pieces in iter_stage_tensors(shape, layout, ranks, get, pieces=True, item_done=reader.release):
                     if pieces is not None:
-                        writer.write(rank, name, pieces, vpp=layout.vpp is not None)
+                        writer.write(rank, name, pieces, vpp=layout.vpp is not None, locate=reader.locate)
                         bar.update(1)
             finally:
                 reader.close()

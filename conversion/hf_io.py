@@ -1,17 +1,19 @@
 """Hugging Face checkpoints: architecture detection, recipe matching, lazy reading, sharded writing.
 
-Reading goes tensor by tensor with positional reads of the safetensors files (no memory map,
-so the files' pages never count in this process's RSS); writing streams tensors into
-shards of at most `max_shard_bytes`, with `model.safetensors.index.json`, into a temporary
-directory that is renamed at the end.
+Reading goes tensor by tensor, either with positional reads of the safetensors files, or (for
+writers that can have the kernel copy bytes file to file) as views of a memory map that are never
+touched; writing streams tensors into shards of at most `max_shard_bytes`, with
+`model.safetensors.index.json`, into a temporary directory that is renamed at the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import os
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -179,8 +181,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
 class HFReader:
     """Tensors of a Hugging Face safetensors checkpoint (one or many shards), one at a time.
 
-    Each tensor is read with positional reads into its own buffer (no memory map): the bytes
-    are read once, and the file's pages stay in the page cache instead of this process's RSS.
+    By default each tensor is read with positional reads into its own buffer: the bytes are read
+    once, and the file's pages stay in the page cache instead of this process's RSS. After
+    `map_files()`, `get` returns views of a private memory map instead, and `locate` says where
+    a view's bytes lie in its file (see there).
     """
 
     def __init__(self, hf_dir: Path) -> None:
@@ -198,23 +202,38 @@ class HFReader:
                 raise UserError(f"{self.dir / name}: named by model.safetensors.index.json but missing")
             self.entries |= read_safetensors_header(self.dir / name)
         self._fds: dict[str, int] = {}
-        self._free: list[Any] = []  # buffers to reuse (reuse_buffers mode)
-        self._lent: list[Any] | None = None
+        self._maps: dict[str, tuple[mmap.mmap, Any]] | None = None  # file -> (map, uint8 tensor over it)
+        self._touched: list[TensorEntry] = []  # entries handed out since the last release()
 
-    def reuse_buffers(self) -> None:
-        """From now on `get` reads into recycled buffers, given back by `release()`.
+    def map_files(self) -> None:
+        """From now on `get` returns views of a private (copy-on-write) memory map of its file.
 
-        Fresh buffers cost a page fault per 4 KiB page on first touch (as much as the read
-        itself); a caller that is done with every tensor it got calls `release()` and the next
-        reads land in memory that is already mapped. Tensors got before `release()` must not be
-        used after it.
+        Nothing is read until a byte is used. A writer that moves a view's bytes with
+        `os.copy_file_range` (file to file, inside the kernel; see `locate`) never brings them
+        into this process at all; views it does compute with (casts, TP column splits) fault
+        their pages in, and `release()` drops them again, so RSS holds one item at most.
         """
-        self._lent = []
+        self._maps = {}
+
+    def locate(self, tensor: Any) -> tuple[int, int] | None:
+        """(file descriptor, byte offset) of a contiguous view of a mapped file, else None."""
+        if self._maps is None or not tensor.is_contiguous():
+            return None
+        ptr, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        for file, (_, base) in self._maps.items():
+            start = base.data_ptr()
+            if start <= ptr and ptr + nbytes <= start + base.numel():
+                return self._fds[file], ptr - start
+        return None
 
     def release(self) -> None:
-        if self._lent is not None:
-            self._free += self._lent
-            self._lent.clear()
+        """The caller is done with every tensor got so far: drop their mapped pages from RSS."""
+        if self._maps is not None:
+            for e in self._touched:
+                mm = self._maps[e.file][0]
+                first = e.start - e.start % mmap.PAGESIZE
+                mm.madvise(mmap.MADV_DONTNEED, first, e.start + e.nbytes - first)
+        self._touched.clear()
 
     def names(self) -> list[str]:
         return list(self.entries)
@@ -235,40 +254,44 @@ class HFReader:
         e = self.entry(name)
         return torch.empty(e.shape, dtype=getattr(torch, e.dtype), device="meta")
 
+    def _fd(self, file: str) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(self.dir / file, os.O_RDONLY)
+        return self._fds[file]
+
     def get(self, name: str) -> Any:
         import torch
 
         e = self.entry(name)
-        if e.file not in self._fds:
-            self._fds[e.file] = os.open(self.dir / e.file, os.O_RDONLY)
-        buf = self._buffer(e.nbytes)
-        view = memoryview(buf.numpy())[: e.nbytes]
+        fd = self._fd(e.file)
+        dtype = getattr(torch, e.dtype)
+        if self._maps is not None and e.start % torch.empty(0, dtype=dtype).element_size() == 0:
+            if e.file not in self._maps:
+                if os.fstat(fd).st_size < e.start + e.nbytes:
+                    raise UserError(f"{self.dir / e.file}: truncated inside tensor '{name}'")
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "non-writable buffer": ACCESS_COPY is writable
+                    self._maps[e.file] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
+            self._touched.append(e)
+            return self._maps[e.file][1][e.start : e.start + e.nbytes].view(dtype).reshape(e.shape)
+        buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
         done = 0
         while done < e.nbytes:
-            n = os.preadv(self._fds[e.file], [view[done:]], e.start + done)
+            n = os.preadv(fd, [view[done:]], e.start + done)
             if n == 0:
                 raise UserError(f"{self.dir / e.file}: truncated inside tensor '{name}'")
             done += n
-        return buf[: e.nbytes].view(getattr(torch, e.dtype)).reshape(e.shape)
-
-    def _buffer(self, nbytes: int) -> Any:
-        import torch
-
-        if self._lent is None:
-            return torch.empty(nbytes, dtype=torch.uint8)
-        fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]  # smallest that fits
-        if fits:
-            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
-        else:
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-        self._lent.append(buf)
-        return buf
+        return buf.view(dtype).reshape(e.shape)
 
     def close(self) -> None:
+        """Close the files; the maps go when the last tensor viewing them does."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        self._free.clear()
+        self._maps = None
+        self._touched.clear()
 
     def dtype_of(self, name: str) -> str:
         """The stored dtype as a torch dtype name ("bfloat16", "float32", ...)."""
