@@ -28,7 +28,7 @@ import errno
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -357,27 +357,191 @@ def padded_as(shape: ModelShape, tp: int) -> ModelShape:
     return dataclasses.replace(shape, make_vocab_size_divisible_by=shape.make_vocab_size_divisible_by * tp)
 
 
+LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _part_of(name: str) -> str:
+    """Tensors saved together: one transformer layer, or one tensor outside the layers."""
+    m = LAYER_KEY.match(name)
+    return f"layer {m.group(1)}" if m else name
+
+
 def save_torch_dist(
-    iter_dir: Path, shape: ModelShape, state: dict[str, Any], args: argparse.Namespace
+    iter_dir: Path, shape: ModelShape, tensors: Iterable[tuple[str, Any]], args: argparse.Namespace,
+    part_done: Callable[[], None] | None = None,
 ) -> None:
-    """`state`: the TP=1 state dict (mapping at tp=1 with `shape`'s padding)."""
+    """Write `tensors` (the TP=1 state dict, mapped at tp=1 with `shape`'s padding, as a stream
+    of (name, tensor)) as one torch_dist checkpoint, holding one part in memory at a time.
+
+    megatron-core's `dist_checkpointing.save` takes one sharded state dict, i.e. the whole model.
+    So each part (a transformer layer, or a tensor outside the layers) is saved on its own, as
+    soon as its last tensor arrives, into a directory of its own; `_merge_torch_dist_parts` then
+    joins the parts into one checkpoint: their data files moved side by side and one `.metadata`
+    listing every chunk. The bytes of each tensor are megatron-core's own; only the index is
+    ours, and it is checked to cover every global tensor exactly once. `part_done()` is called
+    after each part is written (the reader drops what it read for it).
+    """
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
 
     model = _meta_model(shape)
-    sharded = model.sharded_state_dict()
-    for name, entry in sharded.items():
+    plan, objects = {}, {}  # tensors to fill in; the rest (`_extra_state` objects) as they are
+    for name, entry in model.sharded_state_dict().items():
         if isinstance(entry, ShardedTensor | ShardedTensorFactory):
-            if name not in state:
-                raise UserError(f"internal: tensor '{name}' was not converted")
-            entry.data = state[name]
-            if isinstance(entry, ShardedTensor):
-                entry.dtype = state[name].dtype
+            plan[name] = entry
+        else:
+            objects.setdefault(_part_of(name), {})[name] = entry
+    waiting: dict[str, set[str]] = {}
+    for name in plan:
+        waiting.setdefault(_part_of(name), set()).add(name)
+    common = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
     iter_dir.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(
-        {"model": sharded, "args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0},
-        str(iter_dir),
-    )
+    parts: list[TorchDistPart] = []
+    held: dict[str, dict[str, Any]] = {}
+    for name, tensor in tensors:
+        entry = plan.pop(name, None)  # popped: once its part is saved, nothing holds the tensor
+        if entry is None:
+            continue  # not a tensor of this model at TP=1 (nothing to save)
+        entry.data = tensor
+        if isinstance(entry, ShardedTensor):
+            entry.dtype = tensor.dtype
+        part = _part_of(name)
+        held.setdefault(part, {})[name] = entry
+        waiting[part].discard(name)
+        if waiting[part]:
+            continue
+        part_dir = iter_dir / f".part{len(parts):05d}"
+        part_dir.mkdir()
+        state = held.pop(part) | objects.pop(part, {})
+        apply_factories(state)  # e.g. SwiGLU fc1 -> its gate and up halves
+        m = LAYER_KEY.match(name)
+        layer = None if m is None else int(m.group(1))
+        stacked: set[str] = set()
+        if layer is not None:
+            # megatron-core turns each stacked key into a torch ShardedTensor that must hold every
+            # layer's shard in a one-process save; so the part saves its layer as a stack of one,
+            # and the merge puts it back at its depth.
+            one_layer = _one_layer_stack(layer, shape.num_layers, stacked)
+            dict_list_map_inplace(one_layer, state)
+        dist_checkpointing.save({"model": state, **common}, str(part_dir), validate_access_integrity=False)
+        del state
+        parts.append(TorchDistPart(part_dir, layer or 0, shape.num_layers, frozenset(stacked)))
+        del waiting[part]
+        if part_done is not None:
+            part_done()
+    if waiting:
+        missing = sorted(n for names in waiting.values() for n in names)
+        raise UserError(f"internal: tensor '{missing[0]}' was not converted")
+    if objects:  # objects of parts that have no tensor
+        part_dir = iter_dir / f".part{len(parts):05d}"
+        part_dir.mkdir()
+        rest = {name: obj for group in objects.values() for name, obj in group.items()}
+        dist_checkpointing.save({"model": rest, **common}, str(part_dir), validate_access_integrity=False)
+        parts.append(TorchDistPart(part_dir, 0, shape.num_layers, frozenset()))
+    _merge_torch_dist_parts(iter_dir, parts)
+
+
+def _one_layer_stack(layer: int, num_layers: int, stacked: set[str]) -> Callable[[Any], Any]:
+    """A map over a part's sharded dict: layer `layer` of each stacked ShardedTensor becomes a
+    stack of one (its key is added to `stacked`); anything else is left as it is."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    def one_layer(x: Any) -> Any:
+        if not isinstance(x, ShardedTensor):
+            return x
+        if x.global_shape[0] != num_layers or x.global_offset[0] != layer:
+            raise RuntimeError(f"internal: '{x.key}' is not stacked by layer ({x.global_shape}, {x.global_offset})")
+        stacked.add(x.key)
+        frag = x.axis_fragmentations
+        return dataclasses.replace(
+            x, global_shape=(1, *x.global_shape[1:]), global_offset=(0, *x.global_offset[1:]),
+            axis_fragmentations=None if frag is None else (1, *frag[1:]),
+        )  # fmt: skip
+
+    return one_layer
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchDistPart:
+    """One part checkpoint: where it is, and which of its keys are one layer of a layer stack."""
+
+    path: Path
+    layer: int
+    num_layers: int
+    stacked: frozenset[str]
+
+
+def _merge_torch_dist_parts(iter_dir: Path, parts: list[TorchDistPart]) -> None:
+    """One torch_dist checkpoint in `iter_dir` from the part checkpoints `parts` (then removed)."""
+    import pickle
+    import shutil
+
+    import torch
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+
+    merged: Metadata | None = None
+    n_files = 0
+    for p in parts:
+        part = p.path
+        with open(part / ".metadata", "rb") as f:
+            meta = pickle.load(f)
+        for key in p.stacked:  # a stack of one layer -> that layer of the full stack
+            item = meta.state_dict_metadata[key]
+            item.size = torch.Size((p.num_layers, *item.size[1:]))
+            for chunk in item.chunks:
+                chunk.offsets = torch.Size((chunk.offsets[0] + p.layer, *chunk.offsets[1:]))
+        meta.storage_data = {
+            MetadataIndex(i.fqn, torch.Size((i.offset[0] + p.layer, *i.offset[1:])), i.index)
+            if i.fqn in p.stacked else i: info
+            for i, info in meta.storage_data.items()
+        }  # fmt: skip
+        renamed = {}
+        for old in sorted({info.relative_path for info in meta.storage_data.values()}):
+            renamed[old] = f"__0_{n_files}.distcp"
+            os.rename(part / old, iter_dir / renamed[old])
+            n_files += 1
+        for info in meta.storage_data.values():
+            info.relative_path = renamed[info.relative_path]
+        if merged is None:
+            merged = meta
+            for name in ("common.pt", "metadata.json"):
+                os.rename(part / name, iter_dir / name)
+        else:
+            for key, item in meta.state_dict_metadata.items():
+                have = merged.state_dict_metadata.get(key)
+                if have is None:
+                    merged.state_dict_metadata[key] = item
+                elif isinstance(item, TensorStorageMetadata) and isinstance(have, TensorStorageMetadata):
+                    if (have.size, have.properties.dtype) != (item.size, item.properties.dtype):
+                        raise RuntimeError(f"internal: parts disagree on '{key}': {have.size} vs {item.size}")
+                    have.chunks.extend(item.chunks)
+                else:
+                    raise RuntimeError(f"internal: '{key}' saved by two parts")
+            merged.storage_data.update(meta.storage_data)
+            if isinstance(merged.planner_data, dict) and isinstance(meta.planner_data, dict):
+                merged.planner_data.update(meta.planner_data)
+        shutil.rmtree(part)
+    if merged is None:
+        raise RuntimeError("internal: no tensors to save")
+    for key, item in merged.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata):
+            item.chunks.sort(key=lambda c: tuple(c.offsets))
+            covered = sum(_volume(c.sizes) for c in item.chunks)
+            if covered != _volume(item.size) or len({tuple(c.offsets) for c in item.chunks}) != len(item.chunks):
+                raise RuntimeError(f"internal: the saved chunks of '{key}' do not cover it exactly once")
+    merged.storage_meta = None  # it named the first part's directory
+    tmp = iter_dir / ".metadata.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(merged, f)
+    os.rename(tmp, iter_dir / ".metadata")
+
+
+def _volume(size: Any) -> int:
+    n = 1
+    for d in size:
+        n *= d
+    return n
 
 
 def torch_dist_padded_vocab(iter_dir: Path) -> tuple[int, Any]:

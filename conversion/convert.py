@@ -119,11 +119,15 @@ def hf_to_mcore(
         else:
             # The on-disk format is layout independent: convert at TP=1 with the target TP's
             # vocab padding; dist_checkpointing reshards at load.
+            # Streamed part by part (a layer at a time), so memory holds one layer, not the model.
             tp1 = ck.padded_as(shape, layout.tp)
             one = McoreLayout()
-            state = {name: t for _, name, t in iter_stage_tensors(tp1, one, one.ranks(), get) if t is not None}
-            ck.save_torch_dist(iter_dir, tp1, state, args)
-            del state
+            reader.map_files()  # tensors passed through unchanged are views: no copy in memory
+            tensors = ((name, t) for _, name, t in iter_stage_tensors(tp1, one, one.ranks(), get) if t is not None)
+            try:
+                ck.save_torch_dist(iter_dir, tp1, tensors, args, part_done=reader.release)
+            finally:
+                reader.close()
         (tmp / ck.TRACKER).write_text("0\n")
         ck.write_info(tmp, fmt, shape, layout, recipe_name, stored_dtype)
         hf_io.copy_hf_assets(hf_dir, tmp / "hf")
