@@ -203,3 +203,57 @@ def test_copy_file_bytes_at_offsets_and_across_filesystems(tmp_path: Path) -> No
             assert got[:101] == b"\0" * 101 and got[101:] == data[13:13 + 700_001]
         finally:
             dst.unlink(missing_ok=True)
+
+
+def test_torch_dist_parts_merge_to_what_one_save_writes(tmp_path: Path) -> None:
+    """The part-by-part torch_dist writer against megatron-core saving the whole model in one
+    `dist_checkpointing.save`: the same tensors, global shapes, dtypes and chunks, and the same
+    values read back by `dist_checkpointing.load`."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from qwen_pretrain.conversion import checkpoints as ck
+    from qwen_pretrain.conversion.mapping import McoreLayout, iter_stage_tensors
+    from torch.distributed.checkpoint import FileSystemReader
+
+    shape = get_recipe("qwen3_moe_tiny").model  # MoE: expert tensors stacked by layer and by expert
+    hf = write_random_hf(tmp_path / "hf", shape)
+    hf_to_mcore(hf, tmp_path / "parts", fmt="torch_dist", quiet=True)
+
+    reader = hf_io.HFReader(hf)
+    one = McoreLayout()
+    state = {n: t for _, n, t in iter_stage_tensors(shape, one, one.ranks(), reader.get) if t is not None}
+    sharded = ck._meta_model(shape).sharded_state_dict()
+    for name, entry in sharded.items():
+        if isinstance(entry, ShardedTensor | ShardedTensorFactory):
+            entry.data = state[name]
+            if isinstance(entry, ShardedTensor):
+                entry.dtype = state[name].dtype
+    (tmp_path / "whole").mkdir()
+    dist_checkpointing.save({"model": sharded}, str(tmp_path / "whole"))
+
+    ours = FileSystemReader(str(tmp_path / "parts" / "iter_0000000")).read_metadata().state_dict_metadata
+    ref = FileSystemReader(str(tmp_path / "whole")).read_metadata().state_dict_metadata
+    assert ours.keys() == ref.keys()
+    for key, item in ref.items():
+        if hasattr(item, "chunks"):
+            assert (ours[key].size, ours[key].properties.dtype) == (item.size, item.properties.dtype), key
+            chunks = sorted((tuple(c.offsets), tuple(c.sizes)) for c in item.chunks)
+            assert sorted((tuple(c.offsets), tuple(c.sizes)) for c in ours[key].chunks) == chunks, key
+    def empty_model_state() -> dict:
+        out = {}
+        for name, entry in ck._meta_model(shape).sharded_state_dict().items():
+            if isinstance(entry, ShardedTensor | ShardedTensorFactory):
+                entry.data = torch.empty(entry.data.shape, dtype=torch.bfloat16)
+                if isinstance(entry, ShardedTensor):
+                    entry.dtype = torch.bfloat16
+                out[name] = entry
+        return out
+
+    loaded = [
+        dist_checkpointing.load({"model": empty_model_state()}, str(path))["model"]
+        for path in (tmp_path / "parts" / "iter_0000000", tmp_path / "whole")
+    ]
+    assert loaded[0].keys() == loaded[1].keys()
+    for key in loaded[1]:
+        if isinstance(loaded[1][key], torch.Tensor):
+            assert torch.equal(loaded[0][key], loaded[1][key]), key
