@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import io
 import json
+import mmap
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -308,26 +310,51 @@ def legacy_layout(iter_dir: Path) -> tuple[McoreLayout, argparse.Namespace]:
     return layout, args
 
 
-def legacy_reader(iter_dir: Path, layout: McoreLayout) -> Callable[[RankCoord, str], Any]:
-    """get(rank, name) over memory-mapped rank files (pages are read on demand)."""
-    import torch
+class LegacyRankFiles:
+    """get(rank, name) over memory-mapped rank files (pages are read on demand); `release()`
+    drops the pages of every tensor got so far from RSS (they are re-read if used again)."""
 
-    loaded: dict[tuple[int, int, int], dict[str, Any]] = {}
+    def __init__(self, iter_dir: Path, layout: McoreLayout) -> None:
+        self.iter_dir, self.layout = iter_dir, layout
+        self.loaded: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self.touched: list[tuple[int, int]] = []  # (address, bytes) of tensors handed out
 
-    def get(rank: RankCoord, name: str) -> Any:
+    def __call__(self, rank: RankCoord, name: str) -> Any:
+        import torch
+
         key = (rank.tp_rank, rank.pp_rank, rank.ep_rank)
-        if key not in loaded:
-            path = iter_dir / legacy_rank_dir(layout, *key) / "model_optim_rng.pt"
+        if key not in self.loaded:
+            path = self.iter_dir / legacy_rank_dir(self.layout, *key) / "model_optim_rng.pt"
             if not path.is_file():
                 raise UserError(f"{path}: missing; the checkpoint's rank files are incomplete")
-            loaded[key] = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        model_key = "model" if layout.vpp is None else f"model{rank.vpp_rank}"
-        state = loaded[key][model_key]
+            self.loaded[key] = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        model_key = "model" if self.layout.vpp is None else f"model{rank.vpp_rank}"
+        state = self.loaded[key][model_key]
         if name not in state:
-            raise UserError(f"{iter_dir / legacy_rank_dir(layout, *key)}: tensor '{name}' is missing")
-        return state[name]
+            raise UserError(f"{self.iter_dir / legacy_rank_dir(self.layout, *key)}: tensor '{name}' is missing")
+        t = state[name]
+        self.touched.append((t.data_ptr(), t.numel() * t.element_size()))
+        return t
 
-    return get
+    def release(self) -> None:
+        """MADV_DONTNEED over the handed-out tensors' pages (torch maps the files privately and
+        read-only use never dirties them, so nothing is lost)."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = mmap.PAGESIZE
+        for address, nbytes in self.touched:
+            first = address - address % page
+            last = address + nbytes
+            last = last - last % page  # only whole pages of this tensor: a neighbour may share the edges
+            if last > first:
+                libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+        self.touched.clear()
+
+
+def legacy_reader(iter_dir: Path, layout: McoreLayout) -> LegacyRankFiles:
+    """get(rank, name) over the memory-mapped rank files of a legacy checkpoint."""
+    return LegacyRankFiles(iter_dir, layout)
 
 
 # ---------------------------------------------------------------- torch_dist
@@ -555,36 +582,131 @@ def torch_dist_padded_vocab(iter_dir: Path) -> tuple[int, Any]:
     return emb.global_shape[0], emb.dtype
 
 
+class _FileWindow(io.RawIOBase):
+    """`length` bytes of an open file from `start`, as a file of their own (for torch.load)."""
+
+    def __init__(self, f: Any, start: int, length: int) -> None:
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, min(self.length, base + offset))
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[: max(0, self.length - self.pos)]
+        n = os.preadv(self.f.fileno(), [view], self.start + self.pos) if len(view) else 0
+        self.pos += n
+        return n
+
+
+class TorchDistChunks:
+    """Regions of the global tensors of a torch_dist checkpoint, read chunk by chunk.
+
+    `.metadata` lists, for every global tensor, the chunks it was saved in and where each one's
+    bytes are. A region (one layer of a layer stack, say) is assembled from the chunks that
+    overlap it, each read on its own: memory holds the region and one chunk, whatever layout
+    (TP, PP, EP) wrote the checkpoint.
+    """
+
+    def __init__(self, iter_dir: Path) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.dir = Path(iter_dir)
+        meta = FileSystemReader(str(iter_dir)).read_metadata()
+        self.tensors = meta.state_dict_metadata
+        self.storage = meta.storage_data
+        self._files: dict[str, Any] = {}
+
+    def _chunk(self, key: str, chunk: Any) -> Any:
+        import torch
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        info = self.storage[MetadataIndex(key, chunk.offsets)]
+        if getattr(info, "transform_descriptors", None):
+            raise UserError(f"{self.dir}: '{key}' is stored with transforms {info.transform_descriptors}, which this reader does not undo")
+        f = self._files.get(info.relative_path)
+        if f is None:
+            f = self._files[info.relative_path] = open(self.dir / info.relative_path, "rb")  # noqa: SIM115
+        window = _FileWindow(f, info.offset, info.length)
+        head = window.read(4)
+        window.seek(0)
+        if head[:2] == b"PK":  # torch.save of the chunk (the default serialization)
+            return torch.load(io.BufferedReader(window), weights_only=True)
+        dtype = self.tensors[key].properties.dtype
+        data = torch.empty(info.length, dtype=torch.uint8)
+        window.readinto(data.numpy())
+        return data.view(dtype).reshape(chunk.sizes)
+
+    def read(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> Any:
+        """The region of global tensor `key` at `offset` of `shape`."""
+        import torch
+
+        item = self.tensors.get(key)
+        if item is None or not hasattr(item, "chunks"):
+            raise UserError(f"{self.dir}: tensor '{key}' is missing from the torch_dist checkpoint")
+        for chunk in item.chunks:  # the region is one whole chunk (a TP=1 save): no copy
+            if tuple(chunk.offsets) == tuple(offset) and tuple(chunk.sizes) == tuple(shape):
+                return self._chunk(key, chunk).reshape(shape)
+        out = torch.empty(shape, dtype=item.properties.dtype)
+        filled = 0
+        for chunk in item.chunks:
+            lo = [max(o, c) for o, c in zip(offset, chunk.offsets)]
+            hi = [min(o + n, c + m) for o, n, c, m in zip(offset, shape, chunk.offsets, chunk.sizes)]
+            if any(h <= low for low, h in zip(lo, hi)):
+                continue
+            data = self._chunk(key, chunk)
+            src = tuple(slice(low - c, h - c) for low, h, c in zip(lo, hi, chunk.offsets))
+            dst = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, offset))
+            out[dst] = data[src]
+            filled += out[dst].numel()
+            del data
+        if filled != out.numel():
+            raise UserError(f"{self.dir}: the chunks of '{key}' do not cover offset {offset}, shape {shape}")
+        return out
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
 def torch_dist_reader(iter_dir: Path, shape: ModelShape) -> Callable[[RankCoord, str], Any]:
-    """get(rank, name) at TP=1 (dist_checkpointing reshards whatever layout was saved)."""
-    import torch
-    from megatron.core import dist_checkpointing
+    """get(rank, name) at TP=1, whatever layout wrote the checkpoint: each tensor read on its own
+    from the chunks that hold it (`TorchDistChunks`), so memory holds one tensor, not the model."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    rows, dtype = torch_dist_padded_vocab(iter_dir)
+    rows, _ = torch_dist_padded_vocab(iter_dir)
     if rows < shape.vocab_size:
         raise UserError(f"{iter_dir}: embedding has {rows} rows, fewer than the vocabulary ({shape.vocab_size})")
     # a divisor of `rows` itself pads the vocabulary to exactly the stored rows at TP=1
     load_shape = dataclasses.replace(shape, make_vocab_size_divisible_by=rows)
     sharded = _meta_model(load_shape).sharded_state_dict()
-    names = [k for k, v in sharded.items() if isinstance(v, ShardedTensor | ShardedTensorFactory)]
-    cache: dict[str, Any] = {}
+    chunks = TorchDistChunks(iter_dir)
+
+    def load(x: Any) -> Any:
+        if not isinstance(x, ShardedTensor):
+            return x
+        region = chunks.read(x.key, x.global_offset, (1,) * x.prepend_axis_num + tuple(x.local_shape))
+        return region.reshape(x.local_shape)
 
     def get(rank: RankCoord, name: str) -> Any:
-        # megatron-core's torch_dist loader reads whole global tensors (layers are stacked into
-        # one tensor per parameter), so the model is loaded once, at TP=1: memory ~ model size.
-        if not cache:
-            subset = {}
-            for key in names:
-                entry = sharded[key]
-                entry.data = torch.empty(entry.data.shape, dtype=dtype)
-                if isinstance(entry, ShardedTensor):
-                    entry.dtype = dtype
-                subset[key] = entry
-            cache.update(dist_checkpointing.load({"model": subset}, str(iter_dir))["model"])
-        if name not in cache:
-            raise UserError(f"{iter_dir}: tensor '{name}' is missing from the torch_dist checkpoint")
-        return cache[name]
+        entry = sharded.get(name)
+        if isinstance(entry, ShardedTensor):
+            return load(entry)
+        if isinstance(entry, ShardedTensorFactory):  # e.g. SwiGLU fc1: gate and up halves, merged
+            return entry.merge_fn(dict_list_map_inplace(load, entry.build()))
+        raise UserError(f"{iter_dir}: tensor '{name}' is missing from the torch_dist checkpoint")
 
     return get
 

@@ -174,12 +174,17 @@ def mcore_to_hf(mcore_dir: Path, out: Path, *, recipe: str | None = None, max_sh
     with atomic_output_dir(out) as tmp:
         bar = _progress(n, "mcore-to-hf", quiet)
 
+        release = getattr(get, "release", None)  # legacy rank files: drop mapped pages as we go
+
         def tensors() -> Iterator[tuple[str, Any]]:
             for name, t in hf_tensors_from_mcore(shape, get, layout):
                 bar.update(1)
-                yield name, t
+                yield name, t  # back here once the writer has written it
+                del t
+                if release is not None:
+                    release()
 
-        hf_io.write_safetensors_shards(tmp, tensors(), max_shard_bytes)
+        hf_io.write_safetensors_shards(tmp, tensors(), max_shard_bytes, names=expected_hf_shapes(shape))
         bar.close()
         assets = mcore_dir / "hf"
         if assets.is_dir():

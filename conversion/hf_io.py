@@ -142,6 +142,7 @@ SAFETENSORS_DTYPES = {
     "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }  # fmt: skip
+SAFETENSORS_NAME = {torch_name: st for st, torch_name in SAFETENSORS_DTYPES.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,41 +359,86 @@ def copy_hf_assets(src_dir: Path, dst_dir: Path) -> None:
             shutil.copy2(Path(src_dir) / name, dst_dir / name)
 
 
+HEADER_ROOM_PER_TENSOR = 160  # JSON bytes of one header entry besides its name (dtype, shape, offsets)
+
+
+class SafetensorsShard:
+    """One safetensors file written as tensors arrive: the data goes straight to its place after
+    a header area reserved up front, and the header is written last, padded with spaces (as the
+    format allows) to the reserved size. Memory holds one tensor, not the shard."""
+
+    def __init__(self, path: Path, header_room: int) -> None:
+        self.path = path
+        self.header_room = -(-header_room // 8) * 8  # data starts 8-byte aligned
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        self.size = 0
+
+    def add(self, name: str, tensor: Any) -> None:
+        import torch
+
+        view = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        start = 8 + self.header_room + self.size
+        done = 0
+        while done < len(view):  # one pwrite moves at most ~2 GB on Linux: loop
+            done += os.pwrite(self.fd, view[done:], start + done)
+        dtype = SAFETENSORS_NAME[str(tensor.dtype).removeprefix("torch.")]
+        self.header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [self.size, self.size + len(view)]}
+        self.size += len(view)
+
+    def close(self) -> None:
+        head = json.dumps(self.header, separators=(",", ":")).encode()
+        if len(head) > self.header_room:  # more or longer names than reserved: move the data up
+            from qwen_pretrain.conversion.checkpoints import copy_file_bytes
+
+            room = -(-len(head) // 8) * 8
+            moved = self.path.with_name(self.path.name + ".moving")
+            fd = os.open(moved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            src = os.open(self.path, os.O_RDONLY)
+            copy_file_bytes(src, fd, self.size, 8 + self.header_room, 8 + room)
+            os.close(src)
+            os.close(self.fd)
+            os.replace(moved, self.path)
+            self.fd, self.header_room = fd, room
+        head += b" " * (self.header_room - len(head))
+        os.pwrite(self.fd, len(head).to_bytes(8, "little") + head, 0)
+        os.close(self.fd)
+
+
 def write_safetensors_shards(
-    out_dir: Path, tensors: Iterator[tuple[str, Any]], max_shard_bytes: int = 2 * 1024**3
+    out_dir: Path, tensors: Iterator[tuple[str, Any]], max_shard_bytes: int = 2 * 1024**3,
+    names: Iterable[str] = (),
 ) -> dict[str, str]:
-    """Stream (name, tensor) into model-0000i-of-0000n.safetensors shards plus the index."""
-    from safetensors.torch import save_file
+    """Stream (name, tensor) into model-0000i-of-0000n.safetensors shards plus the index.
 
+    Each tensor is written to its shard as it arrives (`SafetensorsShard`): memory holds one
+    tensor. `names` (every name to come, if known) sizes the header area each shard reserves.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    room = sum(len(json.dumps(n)) + HEADER_ROOM_PER_TENSOR for n in names) or 64 * 1024
     weight_map: dict[str, str] = {}
-    pending: dict[str, Any] = {}
-    pending_bytes = 0
     files: list[list[str]] = []
+    shard: SafetensorsShard | None = None
     total = 0
-
-    def flush() -> None:
-        nonlocal pending, pending_bytes
-        if not pending:
-            return
-        tmp_name = f"shard-{len(files):05d}.safetensors"
-        save_file(pending, str(out_dir / tmp_name), metadata={"format": "pt"})
-        files.append([tmp_name, *pending])
-        pending, pending_bytes = {}, 0
-
     for name, tensor in tensors:
         size = tensor.numel() * tensor.element_size()
-        if pending and pending_bytes + size > max_shard_bytes:
-            flush()
-        pending[name] = tensor.contiguous()
-        pending_bytes += size
+        if shard is not None and shard.size and shard.size + size > max_shard_bytes:
+            shard.close()
+            shard = None
+        if shard is None:
+            tmp_name = f"shard-{len(files):05d}.safetensors"
+            shard = SafetensorsShard(out_dir / tmp_name, room)
+            files.append([tmp_name])
+        shard.add(name, tensor)
+        files[-1].append(name)
         total += size
-    flush()
+    if shard is not None:
+        shard.close()
     n = len(files)
-    for i, (tmp_name, *names) in enumerate(files):
+    for i, (tmp_name, *shard_names) in enumerate(files):
         final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         os.replace(out_dir / tmp_name, out_dir / final)
-        weight_map |= dict.fromkeys(names, final)
+        weight_map |= dict.fromkeys(shard_names, final)
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -257,3 +257,72 @@ def test_torch_dist_parts_merge_to_what_one_save_writes(tmp_path: Path) -> None:
     for key in loaded[1]:
         if isinstance(loaded[1][key], torch.Tensor):
             assert torch.equal(loaded[0][key], loaded[1][key]), key
+
+
+def test_torch_dist_regions_cross_chunks(tmp_path: Path) -> None:
+    """The chunk reader assembles a region from every chunk it overlaps, as a checkpoint written
+    at TP=2 stores a column-parallel weight (two row blocks), and says which region is missing."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from qwen_pretrain.conversion import checkpoints as ck
+    from qwen_pretrain.recipes.errors import UserError
+
+    ck._meta_model(get_recipe("qwen3_tiny").model)  # one-process parallel state, as the converter runs
+    w = torch.arange(6 * 4 * 5, dtype=torch.float32).reshape(6, 4, 5)
+    state = {  # both TP halves of "w" held by this one process: a complete grid
+        "half0": ShardedTensor.from_rank_offsets("w", w[:, :2].clone(), (1, 0, 2)),
+        "half1": ShardedTensor.from_rank_offsets("w", w[:, 2:].clone(), (1, 1, 2)),
+    }
+    dist_checkpointing.save(state, str(tmp_path))
+    chunks = ck.TorchDistChunks(tmp_path)
+    assert len(chunks.tensors["w"].chunks) == 2
+    assert torch.equal(chunks.read("w", (0, 0, 0), (6, 4, 5)), w)
+    assert torch.equal(chunks.read("w", (2, 1, 1), (3, 2, 3)), w[2:5, 1:3, 1:4])  # across the seam
+    with pytest.raises(UserError, match="do not cover"):
+        chunks.read("w", (0, 3, 0), (1, 2, 5))  # rows 3..4: past the end of the tensor
+    with pytest.raises(UserError, match="'v' is missing"):
+        chunks.read("v", (0,), (1,))
+    chunks.close()
+
+
+@pytest.mark.parametrize("announce_names", [True, False], ids=["room-reserved", "header-outgrows-room"])
+def test_streamed_safetensors_shards_read_back(tmp_path: Path, announce_names: bool) -> None:
+    """HF output is written tensor by tensor into shards whose header is reserved up front; with
+    no names announced the 64 KiB default room is too small here and the data is moved up.
+    `safetensors` reads every shard back, the index names each tensor's shard."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"model.layers.{i}.{'x' * 400}.weight": torch.randn(3, 5 + i % 4, generator=gen).to(torch.bfloat16)
+               for i in range(700)}
+    names = list(tensors) if announce_names else ()
+    weight_map = hf_io.write_safetensors_shards(tmp_path / "out", iter(tensors.items()), max_shard_bytes=10_000, names=names)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == weight_map and set(weight_map) == set(tensors)
+    assert len(set(weight_map.values())) > 1
+    back = {}
+    for f in sorted(set(weight_map.values())):
+        back |= load_file(str(tmp_path / "out" / f))
+    assert back.keys() == tensors.keys()
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert not list((tmp_path / "out").glob("*.moving")) and not list((tmp_path / "out").glob("shard-*"))
+    header_bytes = int.from_bytes((tmp_path / "out" / weight_map[next(iter(tensors))]).read_bytes()[:8], "little")
+    assert header_bytes > 64 * 1024  # the second case did outgrow the default room
+
+
+def test_legacy_reader_release_keeps_values(tmp_path: Path) -> None:
+    """Dropping a rank file's mapped pages (MADV_DONTNEED) loses nothing: a tensor read again
+    after `release()` has the same values (its pages come back from the file)."""
+    from qwen_pretrain.conversion import checkpoints as ck
+    from qwen_pretrain.conversion.mapping import RankCoord
+
+    shape = get_recipe("qwen3_tiny").model
+    hf_to_mcore(write_random_hf(tmp_path / "hf", shape), tmp_path / "mcore", fmt="legacy", quiet=True)
+    iter_dir = ck.read_tracker(tmp_path / "mcore")
+    layout, _ = ck.legacy_layout(iter_dir)
+    files = ck.legacy_reader(iter_dir, layout)
+    rank = RankCoord()
+    names = ["embedding.word_embeddings.weight", "decoder.layers.0.mlp.linear_fc1.weight"]
+    before = {n: files(rank, n).clone() for n in names}
+    files.release()
+    assert not files.touched
+    for n in names:
+        assert torch.equal(files(rank, n), before[n]), n
