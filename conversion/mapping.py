@@ -369,6 +369,18 @@ def _split(t: torch.Tensor, dim: int, parts: int, rank: int) -> torch.Tensor:
     return torch.chunk(t, parts, dim=dim)[rank].clone() if parts > 1 else t
 
 
+def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat, but shapes only for meta tensors (the writers' planning pass): torch's meta
+    `cat` is Python and its first call imports ~800 modules (sympy included), 1.4 s."""
+    if not tensors[0].is_meta:
+        return torch.cat(tensors, dim)
+    first = tensors[0]
+    dim %= first.dim()
+    size = list(first.shape)
+    size[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(size, dtype=first.dtype, device="meta")
+
+
 def interleave_qkv(shape: ModelShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """[q; k; v] -> per query group [q heads of the group, k, v] (weights or biases)."""
     g, d = shape.num_query_groups, shape.head_dim
@@ -377,7 +389,7 @@ def interleave_qkv(shape: ModelShape, q: torch.Tensor, k: torch.Tensor, v: torch
     qg = q.reshape(g, per * d, *rest)
     kg = k.reshape(g, d, *rest)
     vg = v.reshape(g, d, *rest)
-    return torch.cat([qg, kg, vg], dim=1).reshape(g * (per + 2) * d, *rest)
+    return _cat([qg, kg, vg], dim=1).reshape(g * (per + 2) * d, *rest)
 
 
 def deinterleave_qkv(shape: ModelShape, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -416,9 +428,9 @@ def _shard(
     if kind == QKV:
         return _split(interleave_qkv(shape, *hf), 0, parts, rank)
     if kind == GATED:
-        return torch.cat([_split(hf[0], 0, parts, rank), _split(hf[1], 0, parts, rank)], dim=0)
+        return _cat([_split(hf[0], 0, parts, rank), _split(hf[1], 0, parts, rank)], dim=0)
     if kind == GROUPED_FC1:  # pairs (gate_e, up_e) per local expert -> [hidden, e * 2F/etp]
-        fc1 = [torch.cat([_split(g, 0, parts, rank), _split(u, 0, parts, rank)]) for g, u in zip(hf[0::2], hf[1::2])]
+        fc1 = [_cat([_split(g, 0, parts, rank), _split(u, 0, parts, rank)]) for g, u in zip(hf[0::2], hf[1::2])]
         return torch.stack([w.t() for w in fc1]).reshape(shape.hidden_size, -1)
     if kind == GROUPED_FC2:  # down_e per local expert -> [e * F/etp, hidden]
         return torch.stack([_split(w, 1, parts, rank).t() for w in hf]).reshape(-1, shape.hidden_size)
@@ -624,16 +636,16 @@ def _merge(
     if kind == REPLICATED:
         return [shards[0]]
     if kind == COLUMN:
-        return [torch.cat(shards, 0)]
+        return [_cat(shards, 0)]
     if kind == ROW:
-        return [torch.cat(shards, 1)]
+        return [_cat(shards, 1)]
     if kind == VOCAB:
-        return [torch.cat(shards, 0)[: shape.vocab_size].contiguous()]
+        return [_cat(shards, 0)[: shape.vocab_size].contiguous()]
     if kind == QKV:
-        return list(deinterleave_qkv(shape, torch.cat(shards, 0)))
+        return list(deinterleave_qkv(shape, _cat(shards, 0)))
     if kind == GATED:
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
-        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+        return [_cat([h[0] for h in halves]), _cat([h[1] for h in halves])]
     if kind == GROUPED_FC1:
         n_experts = n_hf // 2
         # weight1's memory is [e, hidden, 2F/etp] (GroupedMLP views it so): undo that view
@@ -641,11 +653,11 @@ def _merge(
         out = []
         for e in range(n_experts):
             halves = [torch.chunk(r[e], 2, dim=0) for r in per_rank]
-            out += [torch.cat([h[0] for h in halves]).contiguous(), torch.cat([h[1] for h in halves]).contiguous()]
+            out += [_cat([h[0] for h in halves]).contiguous(), _cat([h[1] for h in halves]).contiguous()]
         return out
     if kind == GROUPED_FC2:
         per_rank = [s.reshape(n_hf, -1, shape.hidden_size) for s in shards]  # [e, F/etp, h]
-        return [torch.cat([r[e].t() for r in per_rank], dim=1).contiguous() for e in range(n_hf)]
+        return [_cat([r[e].t() for r in per_rank], dim=1).contiguous() for e in range(n_hf)]
     raise ValueError(f"unknown transform kind {kind}")
 
 

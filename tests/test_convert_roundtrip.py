@@ -326,3 +326,13 @@ def test_legacy_reader_release_keeps_values(tmp_path: Path) -> None:
     assert not files.touched
     for n in names:
         assert torch.equal(files(rank, n), before[n]), n
+
+
+def test_meta_cat_gives_torch_cat_shapes() -> None:
+    from qwen_pretrain.conversion.mapping import _cat
+
+    parts = [torch.empty(2, 3, 4), torch.empty(2, 5, 4)]
+    for dim, tensors in ((1, parts), (-2, parts), (0, [parts[0], parts[0]])):
+        real = torch.cat(tensors, dim)
+        meta = _cat([t.to("meta") for t in tensors], dim)
+        assert meta.is_meta and meta.shape == real.shape and meta.dtype == real.dtype
