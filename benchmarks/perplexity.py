@@ -249,7 +249,7 @@ def mcore_scorer(checkpoint: str | Path, recipe_name: str | None = None, tokeniz
 
     import torch
     from qwen_pretrain.conversion import checkpoints as ck
-    from qwen_pretrain.conversion.convert import _mcore_model_tp1, open_mcore
+    from qwen_pretrain.conversion.convert import load_mcore_model_tp1, open_mcore
 
     checkpoint = Path(checkpoint)
     tokenizer = str(tokenizer) if tokenizer else mcore_tokenizer(checkpoint)
@@ -269,7 +269,7 @@ def mcore_scorer(checkpoint: str | Path, recipe_name: str | None = None, tokeniz
         if not shape.vocab_size <= rows <= -(-shape.vocab_size // 1024) * 1024:
             raise UserError(f"{iter_dir}: the checkpoint has {rows} vocabulary rows but tokenizer {tokenizer} needs "
                             f"{shape.vocab_size}: pass the tokenizer (--tokenizer) and recipe the model was trained with")
-    model = _mcore_model_tp1(checkpoint, shape, fmt, get, layout)
+    model = load_mcore_model_tp1(checkpoint, shape, fmt, get, layout)
     vocab = shape.vocab_size
 
     def logits(ids: Any) -> Any:

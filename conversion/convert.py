@@ -229,7 +229,7 @@ def _prompt_ids(hf_dir: Path, vocab: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(12)] for _ in PROMPTS]
 
 
-def _mcore_model_tp1(mcore_dir: Path, shape: ModelShape, fmt: str, get: Callable[[RankCoord, str], Any], layout: McoreLayout) -> Any:
+def load_mcore_model_tp1(mcore_dir: Path, shape: ModelShape, fmt: str, get: Callable[[RankCoord, str], Any], layout: McoreLayout) -> Any:
     """The checkpoint in a TP=1 megatron-core GPTModel (fp32, CPU), built by the trainer's builder."""
     from megatron.core import dist_checkpointing
     from qwen_pretrain.conversion.mapping import mcore_state_dict_from_hf
@@ -264,7 +264,7 @@ def verify(hf_dir: Path, mcore_dir: Path, *, recipe: str | None = None) -> Verif
     import transformers
 
     shape, layout, get, fmt = open_mcore(Path(mcore_dir), recipe)
-    model = _mcore_model_tp1(Path(mcore_dir), shape, fmt, get, layout)
+    model = load_mcore_model_tp1(Path(mcore_dir), shape, fmt, get, layout)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     max_diff, agree, total = 0.0, 0, 0
     with torch.no_grad():
