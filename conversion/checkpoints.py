@@ -385,24 +385,12 @@ def padded_as(shape: ModelShape, tp: int) -> ModelShape:
 
 
 LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
-PART_BYTES = 512 * 1024**2  # consecutive layers saved together up to about this size (bf16)
 
 
-def _part_of(name: str, layers_per_part: int) -> str:
-    """Tensors saved together: `layers_per_part` consecutive layers, or one tensor outside them."""
+def _part_of(name: str) -> str:
+    """Tensors saved together: one transformer layer, or one tensor outside the layers."""
     m = LAYER_KEY.match(name)
-    return f"layers {int(m.group(1)) // layers_per_part}" if m else name
-
-
-def layers_per_part(sharded: dict[str, Any]) -> int:
-    """How many consecutive layers a torch_dist part holds: about PART_BYTES of bf16 weights."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    layer_bytes = sum(
-        2 * e.data.numel() for n, e in sharded.items()
-        if n.startswith("decoder.layers.0.") and isinstance(e, ShardedTensor | ShardedTensorFactory)
-    )  # fmt: skip
-    return max(1, PART_BYTES // max(layer_bytes, 1))
+    return f"layer {m.group(1)}" if m else name
 
 
 def save_torch_dist(
@@ -413,7 +401,7 @@ def save_torch_dist(
     of (name, tensor)) as one torch_dist checkpoint, holding one part in memory at a time.
 
     megatron-core's `dist_checkpointing.save` takes one sharded state dict, i.e. the whole model.
-    So each part (consecutive layers up to PART_BYTES, or a tensor outside the layers) is saved on its own, as
+    So each part (a transformer layer, or a tensor outside the layers) is saved on its own, as
     soon as its last tensor arrives, into a directory of its own; `_merge_torch_dist_parts` then
     joins the parts into one checkpoint: their data files moved side by side and one `.metadata`
     listing every chunk. The bytes of each tensor are megatron-core's own; only the index is
@@ -425,18 +413,15 @@ def save_torch_dist(
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
 
     model = _meta_model(shape)
-    sharded = model.sharded_state_dict()
-    per_part = layers_per_part(sharded)
     plan, objects = {}, {}  # tensors to fill in; the rest (`_extra_state` objects) as they are
-    for name, entry in sharded.items():
+    for name, entry in model.sharded_state_dict().items():
         if isinstance(entry, ShardedTensor | ShardedTensorFactory):
             plan[name] = entry
         else:
-            objects.setdefault(_part_of(name, per_part), {})[name] = entry
-    del sharded
+            objects.setdefault(_part_of(name), {})[name] = entry
     waiting: dict[str, set[str]] = {}
     for name in plan:
-        waiting.setdefault(_part_of(name, per_part), set()).add(name)
+        waiting.setdefault(_part_of(name), set()).add(name)
     common = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
     iter_dir.mkdir(parents=True, exist_ok=True)
     parts: list[TorchDistPart] = []
@@ -448,7 +433,7 @@ def save_torch_dist(
         entry.data = tensor
         if isinstance(entry, ShardedTensor):
             entry.dtype = tensor.dtype
-        part = _part_of(name, per_part)
+        part = _part_of(name)
         held.setdefault(part, {})[name] = entry
         waiting[part].discard(name)
         if waiting[part]:
@@ -458,18 +443,17 @@ def save_torch_dist(
         state = held.pop(part) | objects.pop(part, {})
         apply_factories(state)  # e.g. SwiGLU fc1 -> its gate and up halves
         m = LAYER_KEY.match(name)
-        first = 0
+        layer = None if m is None else int(m.group(1))
         stacked: set[str] = set()
-        if m is not None:
+        if layer is not None:
             # megatron-core turns each stacked key into a torch ShardedTensor that must hold every
-            # layer's shard in a one-process save; so the part saves its layers as a stack of
-            # their own, and the merge puts them back at their depth.
-            first = int(m.group(1)) // per_part * per_part
-            count = min(per_part, shape.num_layers - first)
-            dict_list_map_inplace(_layer_window(first, count, shape.num_layers, stacked), state)
+            # layer's shard in a one-process save; so the part saves its layer as a stack of one,
+            # and the merge puts it back at its depth.
+            one_layer = _one_layer_stack(layer, shape.num_layers, stacked)
+            dict_list_map_inplace(one_layer, state)
         dist_checkpointing.save({"model": state, **common}, str(part_dir), validate_access_integrity=False)
         del state
-        parts.append(TorchDistPart(part_dir, first, shape.num_layers, frozenset(stacked)))
+        parts.append(TorchDistPart(part_dir, layer or 0, shape.num_layers, frozenset(stacked)))
         del waiting[part]
         if part_done is not None:
             part_done()
@@ -485,33 +469,32 @@ def save_torch_dist(
     _merge_torch_dist_parts(iter_dir, parts)
 
 
-def _layer_window(first: int, count: int, num_layers: int, stacked: set[str]) -> Callable[[Any], Any]:
-    """A map over a part's sharded dict: layers first..first+count-1 of each stacked
-    ShardedTensor become a stack of `count` (its key is added to `stacked`); anything else is
-    left as it is."""
+def _one_layer_stack(layer: int, num_layers: int, stacked: set[str]) -> Callable[[Any], Any]:
+    """A map over a part's sharded dict: layer `layer` of each stacked ShardedTensor becomes a
+    stack of one (its key is added to `stacked`); anything else is left as it is."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    def window(x: Any) -> Any:
+    def one_layer(x: Any) -> Any:
         if not isinstance(x, ShardedTensor):
             return x
-        if x.global_shape[0] != num_layers or not first <= x.global_offset[0] < first + count:
+        if x.global_shape[0] != num_layers or x.global_offset[0] != layer:
             raise RuntimeError(f"internal: '{x.key}' is not stacked by layer ({x.global_shape}, {x.global_offset})")
         stacked.add(x.key)
         frag = x.axis_fragmentations
         return dataclasses.replace(
-            x, global_shape=(count, *x.global_shape[1:]), global_offset=(x.global_offset[0] - first, *x.global_offset[1:]),
-            axis_fragmentations=None if frag is None else (count, *frag[1:]),
+            x, global_shape=(1, *x.global_shape[1:]), global_offset=(0, *x.global_offset[1:]),
+            axis_fragmentations=None if frag is None else (1, *frag[1:]),
         )  # fmt: skip
 
-    return window
+    return one_layer
 
 
 @dataclasses.dataclass(frozen=True)
 class TorchDistPart:
-    """One part checkpoint: where it is, and which of its keys hold layers first_layer.. of a layer stack."""
+    """One part checkpoint: where it is, and which of its keys are one layer of a layer stack."""
 
     path: Path
-    first_layer: int
+    layer: int
     num_layers: int
     stacked: frozenset[str]
 
@@ -530,13 +513,13 @@ def _merge_torch_dist_parts(iter_dir: Path, parts: list[TorchDistPart]) -> None:
         part = p.path
         with open(part / ".metadata", "rb") as f:
             meta = pickle.load(f)
-        for key in p.stacked:  # the part's own stack of layers -> their place in the full stack
+        for key in p.stacked:  # a stack of one layer -> that layer of the full stack
             item = meta.state_dict_metadata[key]
             item.size = torch.Size((p.num_layers, *item.size[1:]))
             for chunk in item.chunks:
-                chunk.offsets = torch.Size((chunk.offsets[0] + p.first_layer, *chunk.offsets[1:]))
+                chunk.offsets = torch.Size((chunk.offsets[0] + p.layer, *chunk.offsets[1:]))
         meta.storage_data = {
-            MetadataIndex(i.fqn, torch.Size((i.offset[0] + p.first_layer, *i.offset[1:])), i.index)
+            MetadataIndex(i.fqn, torch.Size((i.offset[0] + p.layer, *i.offset[1:])), i.index)
             if i.fqn in p.stacked else i: info
             for i, info in meta.storage_data.items()
         }  # fmt: skip

@@ -119,7 +119,7 @@ def hf_to_mcore(
         else:
             # The on-disk format is layout independent: convert at TP=1 with the target TP's
             # vocab padding; dist_checkpointing reshards at load.
-            # Streamed part by part (a few layers at a time), so memory holds one part, not the model.
+            # Streamed part by part (a layer at a time), so memory holds one layer, not the model.
             tp1 = ck.padded_as(shape, layout.tp)
             one = McoreLayout()
             reader.map_files()  # tensors passed through unchanged are views: no copy in memory
