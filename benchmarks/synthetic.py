@@ -67,8 +67,14 @@ def nemo_line(s: Step, timestamp: str = "2025-10-17T11:33:02+08:00", extra: str 
 
 
 def ours_line(s: Step) -> str:
-    """Our trainer's line (launch/train_log.py): NeMo's fields, then tflops_per_gpu."""
-    return nemo_line(s, timestamp="", extra=f" | tflops_per_gpu: {s.tflops_per_gpu:.4}")
+    """Our trainer's line, printed by the trainer's own formatter (`launch/train_log.py`)."""
+    from qwen_pretrain.launch import train_log
+
+    return train_log.nemo_line(train_log.StepRecord(
+        step=s.step, train_steps=s.total, lr=s.lr, global_batch_size=s.global_batch_size, loss=s.loss,
+        step_time_s=s.step_time_s, tokens_per_sec_per_gpu=s.tokens_per_sec_per_gpu,
+        consumed_samples=s.consumed_samples, val_loss=s.val_loss, tflops_per_gpu=s.tflops_per_gpu,
+    ))
 
 
 def megatron_line(s: Step, timestamp: str = "2025-10-17 11:33:02", gbs_key: str = "global batch size",
