@@ -71,9 +71,12 @@ def nemo_line(r: StepRecord) -> str:
     return " | ".join(parts)
 
 
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")  # exp overflows past ~709
+
+
 def validation_line(step: int, val_loss: float) -> str:
-    ppl = math.exp(val_loss) if val_loss < 700 else float("inf")
-    return f"Validation at step {step} | val_loss: {fmt(val_loss)} | val_ppl: {fmt(ppl)}"
+    return f"Validation at step {step} | val_loss: {fmt(val_loss)} | val_ppl: {fmt(perplexity(val_loss))}"
 
 
 class MetricsWriter:
@@ -111,7 +114,7 @@ class MetricsWriter:
 
     def validation(self, step: int, val_loss: float) -> None:
         self.print(validation_line(step, val_loss))
-        ppl = math.exp(val_loss) if val_loss < 700 else float("inf")
+        ppl = perplexity(val_loss)
         self._json({"kind": "valid", "step": step, "val_loss": val_loss, "val_ppl": ppl})
         if self.tb is not None:
             self.tb.add_scalar("valid/loss", val_loss, step)
