@@ -257,7 +257,7 @@ def _flops_per_gpu_per_s(recipe: Recipe, step_time: float, world: int) -> float:
 def _gpu_peak_tflops(name: str | None) -> float | None:
     """Peak of the named accelerator, or of the one torch sees; None on CPU."""
     import torch
-    from qwen_pretrain.recipes.hardware import GPUS
+    from qwen_pretrain.recipes.hardware import GPUS, get_gpu
 
     if name is None:
         if not torch.cuda.is_available():
@@ -266,10 +266,7 @@ def _gpu_peak_tflops(name: str | None) -> float | None:
         name = next((key for key in GPUS if key in device), None)
         if name is None:
             return None
-    spec = GPUS.get(name.lower())
-    if spec is None:
-        raise UserError(f"--gpu '{name}': unknown; choose one of {', '.join(GPUS)}")
-    return spec.peak_bf16_tflops
+    return get_gpu(name).peak_bf16_tflops
 
 
 def train(recipe: Recipe, opts: TrainOptions) -> TrainResult:
