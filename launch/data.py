@@ -9,7 +9,6 @@ resumed run reads exactly the samples the uninterrupted run would have read.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,14 +133,3 @@ def collate(dataset: Any, indices: list[int]) -> dict[str, Any]:
         None if mask is None else torch.stack([torch.as_tensor(s["attention_mask"]) for s in samples])
     )
     return batch
-
-
-def num_micro_batches(recipe: Recipe, dp_size: int) -> int:
-    p, t = recipe.parallel, recipe.training
-    n = t.global_batch_size / (p.micro_batch_size * dp_size)
-    if n != math.floor(n) or n < 1:
-        raise UserError(
-            f"global batch {t.global_batch_size} is not a multiple of micro batch "
-            f"{p.micro_batch_size} x data parallel {dp_size}: change --gbs or --mbs"
-        )
-    return int(n)
