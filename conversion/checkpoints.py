@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
+import functools
 import io
 import json
+import math
 import mmap
 import os
 import re
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from qwen_pretrain.conversion.hf_io import copy_file_bytes
 from qwen_pretrain.conversion.mapping import McoreLayout, RankCoord
 from qwen_pretrain.recipes.errors import UserError
 from qwen_pretrain.recipes.schema import ModelShape, Parallelism
@@ -138,34 +140,6 @@ def detect_format(iter_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------- legacy
-
-
-USE_COPY_FILE_RANGE = True  # tests switch it off to run the sendfile path on one filesystem
-
-
-def copy_file_bytes(src: int, dst: int, nbytes: int, src_offset: int, dst_offset: int) -> None:
-    """Copy `nbytes` from one open file to another inside the kernel, at the given offsets.
-
-    `os.copy_file_range` (page cache to page cache, one copy, none through user memory); where
-    Linux refuses it (across filesystems: EXDEV), `os.sendfile` does the same from a seek position.
-    """
-    done = 0
-    kernel_copy = USE_COPY_FILE_RANGE
-    while done < nbytes:
-        if kernel_copy:
-            try:
-                n = os.copy_file_range(src, dst, nbytes - done, src_offset + done, dst_offset + done)
-            except OSError as err:
-                if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                kernel_copy = False
-                continue
-        else:
-            os.lseek(dst, dst_offset + done, os.SEEK_SET)
-            n = os.sendfile(dst, src, src_offset + done, nbytes - done)
-        if n == 0:
-            raise RuntimeError(f"source file ended {nbytes - done} bytes short of the tensor")
-        done += n
 
 
 class LegacyWriter:
@@ -341,7 +315,7 @@ class LegacyRankFiles:
         read-only use never dirties them, so nothing is lost)."""
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         page = mmap.PAGESIZE
         for address, nbytes in self.touched:
             first = address - address % page
@@ -350,6 +324,13 @@ class LegacyRankFiles:
             if last > first:
                 libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
         self.touched.clear()
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def legacy_reader(iter_dir: Path, layout: McoreLayout) -> LegacyRankFiles:
@@ -425,6 +406,13 @@ def save_torch_dist(
     common = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
     iter_dir.mkdir(parents=True, exist_ok=True)
     parts: list[TorchDistPart] = []
+
+    def save_part(state: dict[str, Any], layer: int, stacked: set[str]) -> None:
+        part_dir = iter_dir / f".part{len(parts):05d}"
+        part_dir.mkdir()
+        dist_checkpointing.save({"model": state, **common}, str(part_dir), validate_access_integrity=False)
+        parts.append(TorchDistPart(part_dir, layer, shape.num_layers, frozenset(stacked)))
+
     held: dict[str, dict[str, Any]] = {}
     for name, tensor in tensors:
         entry = plan.pop(name, None)  # popped: once its part is saved, nothing holds the tensor
@@ -438,8 +426,6 @@ def save_torch_dist(
         waiting[part].discard(name)
         if waiting[part]:
             continue
-        part_dir = iter_dir / f".part{len(parts):05d}"
-        part_dir.mkdir()
         state = held.pop(part) | objects.pop(part, {})
         apply_factories(state)  # e.g. SwiGLU fc1 -> its gate and up halves
         m = LAYER_KEY.match(name)
@@ -451,9 +437,8 @@ def save_torch_dist(
             # and the merge puts it back at its depth.
             one_layer = _one_layer_stack(layer, shape.num_layers, stacked)
             dict_list_map_inplace(one_layer, state)
-        dist_checkpointing.save({"model": state, **common}, str(part_dir), validate_access_integrity=False)
+        save_part(state, layer or 0, stacked)
         del state
-        parts.append(TorchDistPart(part_dir, layer or 0, shape.num_layers, frozenset(stacked)))
         del waiting[part]
         if part_done is not None:
             part_done()
@@ -461,11 +446,7 @@ def save_torch_dist(
         missing = sorted(n for names in waiting.values() for n in names)
         raise UserError(f"internal: tensor '{missing[0]}' was not converted")
     if objects:  # objects of parts that have no tensor
-        part_dir = iter_dir / f".part{len(parts):05d}"
-        part_dir.mkdir()
-        rest = {name: obj for group in objects.values() for name, obj in group.items()}
-        dist_checkpointing.save({"model": rest, **common}, str(part_dir), validate_access_integrity=False)
-        parts.append(TorchDistPart(part_dir, 0, shape.num_layers, frozenset()))
+        save_part({name: obj for group in objects.values() for name, obj in group.items()}, 0, set())
     _merge_torch_dist_parts(iter_dir, parts)
 
 
@@ -554,21 +535,14 @@ def _merge_torch_dist_parts(iter_dir: Path, parts: list[TorchDistPart]) -> None:
     for key, item in merged.state_dict_metadata.items():
         if isinstance(item, TensorStorageMetadata):
             item.chunks.sort(key=lambda c: tuple(c.offsets))
-            covered = sum(_volume(c.sizes) for c in item.chunks)
-            if covered != _volume(item.size) or len({tuple(c.offsets) for c in item.chunks}) != len(item.chunks):
+            covered = sum(math.prod(c.sizes) for c in item.chunks)
+            if covered != math.prod(item.size) or len({tuple(c.offsets) for c in item.chunks}) != len(item.chunks):
                 raise RuntimeError(f"internal: the saved chunks of '{key}' do not cover it exactly once")
     merged.storage_meta = None  # it named the first part's directory
     tmp = iter_dir / ".metadata.tmp"
     with open(tmp, "wb") as f:
         pickle.dump(merged, f)
     os.rename(tmp, iter_dir / ".metadata")
-
-
-def _volume(size: Any) -> int:
-    n = 1
-    for d in size:
-        n *= d
-    return n
 
 
 def torch_dist_padded_vocab(iter_dir: Path) -> tuple[int, Any]:

@@ -9,6 +9,7 @@ touched; writing streams tensors into shards of at most `max_shard_bytes`, with
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import mmap
 import os
@@ -266,7 +267,7 @@ class HFReader:
         e = self.entry(name)
         fd = self._fd(e.file)
         dtype = getattr(torch, e.dtype)
-        if self._maps is not None and e.start % torch.empty(0, dtype=dtype).element_size() == 0:
+        if self._maps is not None and e.start % dtype.itemsize == 0:
             if e.file not in self._maps:
                 if os.fstat(fd).st_size < e.start + e.nbytes:
                     raise UserError(f"{self.dir / e.file}: truncated inside tensor '{name}'")
@@ -359,6 +360,34 @@ def copy_hf_assets(src_dir: Path, dst_dir: Path) -> None:
             shutil.copy2(Path(src_dir) / name, dst_dir / name)
 
 
+USE_COPY_FILE_RANGE = True  # tests switch it off to run the sendfile path on one filesystem
+
+
+def copy_file_bytes(src: int, dst: int, nbytes: int, src_offset: int, dst_offset: int) -> None:
+    """Copy `nbytes` from one open file to another inside the kernel, at the given offsets.
+
+    `os.copy_file_range` (page cache to page cache, one copy, none through user memory); where
+    Linux refuses it (across filesystems: EXDEV), `os.sendfile` does the same from a seek position.
+    """
+    done = 0
+    kernel_copy = USE_COPY_FILE_RANGE
+    while done < nbytes:
+        if kernel_copy:
+            try:
+                n = os.copy_file_range(src, dst, nbytes - done, src_offset + done, dst_offset + done)
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                kernel_copy = False
+                continue
+        else:
+            os.lseek(dst, dst_offset + done, os.SEEK_SET)
+            n = os.sendfile(dst, src, src_offset + done, nbytes - done)
+        if n == 0:
+            raise RuntimeError(f"source file ended {nbytes - done} bytes short of the tensor")
+        done += n
+
+
 HEADER_ROOM_PER_TENSOR = 160  # JSON bytes of one header entry besides its name (dtype, shape, offsets)
 
 
@@ -389,8 +418,6 @@ class SafetensorsShard:
     def close(self) -> None:
         head = json.dumps(self.header, separators=(",", ":")).encode()
         if len(head) > self.header_room:  # more or longer names than reserved: move the data up
-            from qwen_pretrain.conversion.checkpoints import copy_file_bytes
-
             room = -(-len(head) // 8) * 8
             moved = self.path.with_name(self.path.name + ".moving")
             fd = os.open(moved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

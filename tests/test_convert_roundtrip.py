@@ -175,7 +175,7 @@ def test_legacy_pieces_go_file_to_file(tmp_path: Path, monkeypatch: pytest.Monke
     copied = []
     real = ck.copy_file_bytes
     monkeypatch.setattr(ck, "copy_file_bytes", lambda *a: (copied.append(a[2]), real(*a)))
-    monkeypatch.setattr(ck, "USE_COPY_FILE_RANGE", kernel_copy)
+    monkeypatch.setattr(hf_io, "USE_COPY_FILE_RANGE", kernel_copy)
     shape = get_recipe("qwen3_tiny").model
     hf = write_random_hf(tmp_path / "hf", shape)
     hf_to_mcore(hf, tmp_path / "mcore", tp=2, pp=2, fmt="legacy", quiet=True)
@@ -186,7 +186,7 @@ def test_legacy_pieces_go_file_to_file(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_copy_file_bytes_at_offsets_and_across_filesystems(tmp_path: Path) -> None:
-    from qwen_pretrain.conversion.checkpoints import copy_file_bytes
+    from qwen_pretrain.conversion.hf_io import copy_file_bytes
 
     data = bytes(range(256)) * 5000
     places = [tmp_path] + ([Path("/dev/shm")] if Path("/dev/shm").is_dir() else [])  # tmpfs: EXDEV
