@@ -87,16 +87,15 @@ def torchrun_command(argv: list[str], nproc: int, port: int | None = None) -> li
         if a.startswith("--nproc="):
             continue
         cleaned.append(a)
+    from qwen_pretrain.launch.torchrun import Entry, NodeEnv
+    from qwen_pretrain.launch.torchrun import torchrun_command as node_command
+
     if port is None:
         from qwen_pretrain.launch.parallel import _free_port
 
         port = _free_port()
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(nproc), "--nnodes", "1",
-        "--master-addr", "127.0.0.1", "--master-port", str(port),
-        "-m", "qwen_pretrain.launch.train_cli", *cleaned,
-    ]
+    node = NodeEnv(master_addr="127.0.0.1", master_port=port, nnodes=1, node_rank=0, gpus_per_node=nproc)
+    return node_command(node, Entry(sys.executable, tuple(cleaned), module="qwen_pretrain.launch.train_cli"))
 
 
 def spawn(argv: list[str], nproc: int, env: dict[str, str] | None = None) -> int:

@@ -12,12 +12,11 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from qwen_pretrain.launch.train_cli import torchrun_command
 
 STEPS = 20
 COMMON = ["--recipe", "qwen3_tiny", "--mock-data", "--gbs", "4", "--mbs", "1", "--seq-length", "64",
@@ -30,17 +29,9 @@ NEMO_LINE = re.compile(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "qwen_pretrain.launch.train_cli", *args]
+    cmd = torchrun_command(args, 2)  # what `train --nproc 2` runs, on a free port
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
 
 
