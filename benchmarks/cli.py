@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from qwen_pretrain.benchmarks.runs import RunResult
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -36,11 +36,11 @@ def _common_parser() -> argparse.ArgumentParser:
                    help="unique steps dropped at the end before averaging (default 10)")
     g.add_argument("--allow-short", action="store_true",
                    help="average over all steps when the log is too short for the rule instead of exit 2")
-    g.add_argument("--seq-length", type=_positive_int, metavar="N",
+    g.add_argument("--seq-length", type=positive_int, metavar="N",
                    help="sequence length, to derive tokens/s for logs without it (Megatron-LM, Bridge, MindSpeed)")
-    g.add_argument("--global-batch-size", type=_positive_int, metavar="N",
+    g.add_argument("--global-batch-size", type=positive_int, metavar="N",
                    help="global batch size for the derivation (default: from the log)")
-    g.add_argument("--gpus", type=_positive_int, metavar="N", help="GPU count of the run, for the derivation")
+    g.add_argument("--gpus", type=positive_int, metavar="N", help="GPU count of the run, for the derivation")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 

@@ -14,12 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+from qwen_pretrain.benchmarks.cli import positive_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,10 +35,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--tokenizer", metavar="DIR",
                      help="tokenizer of the model (default: the --hf dir's own, else the Qwen files)")
     ppl.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY")
-    ppl.add_argument("--seq-length", type=_positive, default=128, metavar="L", help="window length (default 128)")
-    ppl.add_argument("--stride", type=_positive, default=None, metavar="S", help="window step (default L/2)")
-    ppl.add_argument("--batch-size", type=_positive, default=4, help="windows per forward pass")
-    ppl.add_argument("--max-tokens", type=_positive, default=None, help="score only the first T tokens of the data")
+    ppl.add_argument("--seq-length", type=positive_int, default=128, metavar="L", help="window length (default 128)")
+    ppl.add_argument("--stride", type=positive_int, default=None, metavar="S", help="window step (default L/2)")
+    ppl.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
+    ppl.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first T tokens of the data")
     ppl.add_argument("--out", metavar="FILE", help="also write the JSON here")
     ppl.add_argument("--no-progress", action="store_true")
     ppl.set_defaults(func=cmd_ppl)
@@ -52,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--hf", required=True, metavar="DIR")
     gen.add_argument("--prompts", required=True, metavar="FILE", help="one prompt per line, or jsonl with \"prompt\"")
     gen.add_argument("--tokenizer", metavar="DIR")
-    gen.add_argument("--max-new-tokens", type=_positive, default=64)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64)
     gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=0)
@@ -66,10 +61,10 @@ def add_bench_generate(actions: argparse._SubParsersAction) -> None:
                            description="Greedy decoding of seeded random prompts with the KV cache; median of "
                            "--repeats after --warmup. Peak memory: CUDA max allocated on GPU, peak RSS on CPU.")
     b.add_argument("--hf", required=True, metavar="DIR")
-    b.add_argument("--batch", type=_positive, default=1)
-    b.add_argument("--prompt-len", type=_positive, default=64)
-    b.add_argument("--new-tokens", type=_positive, default=64)
-    b.add_argument("--repeats", type=_positive, default=3)
+    b.add_argument("--batch", type=positive_int, default=1)
+    b.add_argument("--prompt-len", type=positive_int, default=64)
+    b.add_argument("--new-tokens", type=positive_int, default=64)
+    b.add_argument("--repeats", type=positive_int, default=3)
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))

@@ -23,7 +23,6 @@ Sanity metrics over the generated tokens (EOS excluded):
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -316,9 +315,7 @@ def speed_table(s: GenerationSpeed) -> str:
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """Atomic: a temp file in the same directory, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Atomic: a temp file in the same directory, then rename (`report.atomic_write_bytes`)."""
+    from qwen_pretrain.benchmarks.report import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode())
