@@ -103,8 +103,9 @@ class Tokenizer:
         code points unassigned in Python's Unicode tables, is encoded by the reference
         (`tokenizers`) instead: gigatoken 0.10.0 and tokenizers 0.23.3 normalize some
         combining-mark sequences differently (found on real text: U+07F3 U+07FD, which
-        gigatoken reorders as Python's NFC does and tokenizers does not); the reference wins. `parallel` (gigatoken only): None lets gigatoken
-        use its thread pool except inside a worker process; False keeps the calling thread.
+        gigatoken reorders as Python's NFC does and tokenizers does not); the reference wins.
+        `parallel` (gigatoken only): None lets gigatoken use its thread pool except inside a
+        worker process; False keeps the work on the calling thread.
         """
         if self.backend != "gigatoken":
             return _hf_encode(self._impl, texts)
