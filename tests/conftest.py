@@ -46,3 +46,18 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture
+def no_eod_tokenizer(tmp_path: Path) -> Path:
+    """A tokenizer directory (`no_eod/tokenizer.json`, a small byte-level BPE) without
+    <|endoftext|>: what a user's own tokenizer missing the end-of-document token looks like."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    path = tmp_path / "no_eod"
+    path.mkdir()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["some text to learn from"] * 10, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    tok.save(str(path / "tokenizer.json"))
+    return path

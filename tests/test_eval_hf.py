@@ -129,7 +129,8 @@ def test_ppl_on_jsonl_equals_ppl_on_its_preprocessed_bin_idx(setup: dict, capsys
     assert json.loads((setup["root"] / "ppl.json").read_text()) == b
 
 
-def test_ppl_bad_input_names_file_and_fix(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_ppl_bad_input_names_file_and_fix(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          no_eod_tokenizer: Path) -> None:
     capsys.readouterr()
     # data shorter than one window
     short = tmp_path / "short.jsonl"
@@ -138,14 +139,7 @@ def test_ppl_bad_input_names_file_and_fix(setup: dict, tmp_path: Path, capsys: p
     # the official Qwen tokenizer (151,669 tokens) does not fit this model's 1,024 rows
     assert main(["eval", "ppl", "--hf", str(setup["hf"]), "--data", str(setup["held"]), "--tokenizer", "qwen"]) == 2
     # a tokenizer directory without <|endoftext|>
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    no_eod = tmp_path / "no_eod"
-    no_eod.mkdir()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["a b c d"] * 5, trainers.BpeTrainer(vocab_size=300, show_progress=False))
-    tok.save(str(no_eod / "tokenizer.json"))
+    no_eod = no_eod_tokenizer
     assert main(["eval", "ppl", "--hf", str(setup["hf"]), "--data", str(setup["held"]), "--tokenizer", str(no_eod)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3

@@ -137,15 +137,9 @@ def test_recipe_takes_the_trained_vocabulary(bpe_dir: Path) -> None:
     check_layout(override(recipe, tp=1, gpus=1))
 
 
-def test_bad_tokenizer_input_gives_one_line_errors(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    no_eod = tmp_path / "no_eod"
-    no_eod.mkdir()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["some text to learn from"] * 10, trainers.BpeTrainer(vocab_size=300, show_progress=False))
-    tok.save(str(no_eod / "tokenizer.json"))
+def test_bad_tokenizer_input_gives_one_line_errors(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   no_eod_tokenizer: Path) -> None:
+    no_eod = no_eod_tokenizer
     with pytest.raises(UserError, match=r"no_eod/tokenizer.json: no end-of-document token <\|endoftext\|>"):
         tokenizer_eod_id(no_eod)
     with pytest.raises(UserError, match="no end-of-document"):
