@@ -13,16 +13,10 @@ from typing import TYPE_CHECKING
 
 from qwen_pretrain.benchmarks.logformats import FORMATS
 from qwen_pretrain.benchmarks.rule import DEFAULT_SKIP_FIRST, DEFAULT_SKIP_LAST
+from qwen_pretrain.recipes.cli_args import positive_int
 
 if TYPE_CHECKING:
     from qwen_pretrain.benchmarks.runs import RunResult
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _common_parser() -> argparse.ArgumentParser:
@@ -85,7 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
 
-    from qwen_pretrain.benchmarks.eval_cli import add_bench_generate  # generation speed (eval area)
+    from qwen_pretrain.evaluation.cli import add_bench_generate  # generation speed (eval area)
 
     add_bench_generate(sub)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 FORMATS: tuple[str, ...] = ("nemo", "megatron", "bridge", "mindspeed", "nanotron", "ours")
 
-# Our trainer prints the NeMo 2 step line (launch/train_log.py). `--format auto` reports "ours"
+# Our trainer prints the NeMo 2 step line (training/train_log.py). `--format auto` reports "ours"
 # when a line before the first step contains this marker, or when the step line carries the
 # fields our trainer appends after NeMo's (`tflops_per_gpu`, `mfu`), which NeMo never prints.
 OURS_LOG_MARKER = "qwen-pretrain-trainer"

@@ -10,13 +10,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_pretrain.benchmarks.acceptance import Comparison
 from qwen_pretrain.benchmarks.runs import RunResult
+from qwen_pretrain.recipes.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -46,18 +45,6 @@ def compute_mfu(run: RunResult, recipe_name: str, gpu_name: str, seq_length: int
     model_tflops = tps * fpt / 1e12 if tps is not None else None
     mfu = model_tflops / gpu.peak_bf16_tflops if model_tflops is not None else None
     return Mfu(recipe.name, gpu.name, seq, seq_from, fpt, gpu.peak_bf16_tflops, model_tflops, mfu)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _fmt(value: float | int | None, spec: str = ",.1f") -> str:

@@ -67,8 +67,8 @@ def nemo_line(s: Step, timestamp: str = "2025-10-17T11:33:02+08:00", extra: str 
 
 
 def ours_line(s: Step) -> str:
-    """Our trainer's line, printed by the trainer's own formatter (`launch/train_log.py`)."""
-    from qwen_pretrain.launch import train_log
+    """Our trainer's line, printed by the trainer's own formatter (`training/train_log.py`)."""
+    from qwen_pretrain.training import train_log
 
     return train_log.nemo_line(train_log.StepRecord(
         step=s.step, train_steps=s.total, lr=s.lr, global_batch_size=s.global_batch_size, loss=s.loss,

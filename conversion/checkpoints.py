@@ -38,15 +38,18 @@ from typing import Any
 from qwen_pretrain.conversion.hf_io import copy_file_bytes
 from qwen_pretrain.conversion.mapping import McoreLayout, RankCoord
 from qwen_pretrain.recipes.errors import UserError
-from qwen_pretrain.recipes.schema import ModelShape, Parallelism
+from qwen_pretrain.recipes.schema import ModelShape
+from qwen_pretrain.training.checkpoint_dir import (  # noqa: F401  (the converters' names for them)
+    TRACKER_FILE,
+    check_torch_dist_tp,
+    iter_dir_name,
+    loadable_tps,
+    read_tracker,
+    torch_dist_padded_vocab,
+)
 
 CHECKPOINT_VERSION = 3.0
-TRACKER = "latest_checkpointed_iteration.txt"
 CONVERSION_INFO = "conversion.json"
-
-
-def iter_dir_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 def legacy_rank_dir(layout: McoreLayout, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
@@ -116,19 +119,6 @@ def write_info(out: Path, fmt: str, shape: ModelShape, layout: McoreLayout, reci
 def read_info(mcore_dir: Path) -> dict[str, Any] | None:
     path = Path(mcore_dir) / CONVERSION_INFO
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def read_tracker(mcore_dir: Path) -> Path:
-    """The iteration directory named by latest_checkpointed_iteration.txt."""
-    tracker = Path(mcore_dir) / TRACKER
-    if not tracker.is_file():
-        raise UserError(f"{tracker}: not found; --mcore must be a Megatron checkpoint directory")
-    text = tracker.read_text().strip()
-    if text == "release":
-        return Path(mcore_dir) / "release"
-    if not text.isdigit():
-        raise UserError(f"{tracker}: expected an iteration number or 'release', got '{text}'")
-    return Path(mcore_dir) / iter_dir_name(int(text))
 
 
 def detect_format(iter_dir: Path) -> str:
@@ -343,21 +333,13 @@ def legacy_reader(iter_dir: Path, layout: McoreLayout) -> LegacyRankFiles:
 
 def _meta_model(shape: ModelShape) -> Any:
     """A TP=1 GPTModel on the meta device: its sharded state dict names every global tensor."""
-    import torch
     from megatron.core import parallel_state as ps
-    from qwen_pretrain.launch.model import build_model, transformer_config
-    from qwen_pretrain.launch.parallel import init_parallel_for_tests
-    from qwen_pretrain.recipes import get_recipe
+    from qwen_pretrain.training.model import build_tp1_model
+    from qwen_pretrain.training.parallel import init_single_process
 
-    base = get_recipe("qwen3_tiny")
-    recipe = dataclasses.replace(base, name="conversion", model=shape, parallel=Parallelism(), gpus=1)
     if not ps.model_parallel_is_initialized():
-        init_parallel_for_tests(recipe)
-    config = transformer_config(recipe)
-    config.perform_initialization = False
-    config.use_cpu_initialization = True
-    with torch.device("meta"):
-        return build_model(recipe, config=config)
+        init_single_process()
+    return build_tp1_model(shape, meta=True)
 
 
 def padded_as(shape: ModelShape, tp: int) -> ModelShape:
@@ -545,17 +527,6 @@ def _merge_torch_dist_parts(iter_dir: Path, parts: list[TorchDistPart]) -> None:
     os.rename(tmp, iter_dir / ".metadata")
 
 
-def torch_dist_padded_vocab(iter_dir: Path) -> tuple[int, Any]:
-    """(embedding rows, dtype) as stored in a torch_dist checkpoint."""
-    from megatron.core import dist_checkpointing
-
-    meta = dist_checkpointing.load_tensors_metadata(str(iter_dir))
-    emb = meta.get("embedding.word_embeddings.weight")
-    if emb is None:
-        raise UserError(f"{iter_dir}: no 'embedding.word_embeddings.weight' in the torch_dist checkpoint")
-    return emb.global_shape[0], emb.dtype
-
-
 class _FileWindow(io.RawIOBase):
     """`length` bytes of an open file from `start`, as a file of their own (for torch.load)."""
 
@@ -683,28 +654,3 @@ def torch_dist_reader(iter_dir: Path, shape: ModelShape) -> Callable[[RankCoord,
         raise UserError(f"{iter_dir}: tensor '{name}' is missing from the torch_dist checkpoint")
 
     return get
-
-
-def loadable_tps(shape: ModelShape, rows: int, max_tp: int = 64) -> list[int]:
-    """The TPs whose vocabulary padding (`padded_vocab_size(tp)`) gives exactly `rows` rows."""
-    return [tp for tp in range(1, max_tp + 1) if shape.padded_vocab_size(tp) == rows]
-
-
-def check_torch_dist_tp(mcore_dir: Path, shape: ModelShape, tp: int) -> None:
-    """A one-line UserError when a run at `tp` cannot load this torch_dist checkpoint.
-
-    dist_checkpointing reshards any layout, but the embedding's global shape is part of the
-    checkpoint: a converted checkpoint holds `padded_vocab_size(tp)` rows of the TP it was
-    converted for, and a run whose TP pads the vocabulary differently cannot load it. Call
-    this before `dist_checkpointing.load` (the trainer's `--load`).
-    """
-    iter_dir = read_tracker(mcore_dir)
-    rows, _ = torch_dist_padded_vocab(iter_dir)
-    want = shape.padded_vocab_size(tp)
-    if rows != want:
-        ok = [t for t in loadable_tps(shape, rows) if shape.num_query_groups % t == 0]
-        raise UserError(
-            f"{mcore_dir}: its embedding has {rows} rows (vocabulary {shape.vocab_size} padded for "
-            f"TP {', '.join(map(str, ok)) or '?'}) but TP {tp} pads it to {want}: convert again with "
-            f"`qwen-pretrain convert hf-to-mcore --tp {tp}`, or load with --tp {' or '.join(map(str, ok)) or '?'}"
-        )

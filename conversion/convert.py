@@ -7,8 +7,6 @@ failed or interrupted conversion leaves nothing that looks like a checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +24,7 @@ from qwen_pretrain.conversion.mapping import (
 )
 from qwen_pretrain.recipes import get_recipe
 from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.recipes.files import atomic_dir
 from qwen_pretrain.recipes.schema import ModelShape
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
@@ -37,16 +36,8 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     out = Path(out)
     if out.exists():
         raise UserError(f"--out {out}: already exists; choose a new directory or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.rename(tmp, out)
 
 
 def _progress(total: int, desc: str, quiet: bool) -> Any:
@@ -128,7 +119,7 @@ def hf_to_mcore(
                 ck.save_torch_dist(iter_dir, tp1, tensors, args, part_done=reader.release)
             finally:
                 reader.close()
-        (tmp / ck.TRACKER).write_text("0\n")
+        (tmp / ck.TRACKER_FILE).write_text("0\n")
         ck.write_info(tmp, fmt, shape, layout, recipe_name, stored_dtype)
         hf_io.copy_hf_assets(hf_dir, tmp / "hf")
     return Path(out)
@@ -233,9 +224,8 @@ def load_mcore_model_tp1(mcore_dir: Path, shape: ModelShape, fmt: str, get: Call
     """The checkpoint in a TP=1 megatron-core GPTModel (fp32, CPU), built by the trainer's builder."""
     from megatron.core import dist_checkpointing
     from qwen_pretrain.conversion.mapping import mcore_state_dict_from_hf
-    from qwen_pretrain.launch.model import build_model
-    from qwen_pretrain.launch.parallel import init_parallel_for_tests
-    from qwen_pretrain.recipes.schema import Parallelism
+    from qwen_pretrain.training.model import build_tp1_model
+    from qwen_pretrain.training.parallel import init_single_process
 
     iter_dir = ck.read_tracker(mcore_dir)
     if fmt == "torch_dist":
@@ -243,9 +233,8 @@ def load_mcore_model_tp1(mcore_dir: Path, shape: ModelShape, fmt: str, get: Call
         load_shape = dataclasses.replace(shape, make_vocab_size_divisible_by=rows)
     else:
         load_shape = shape
-    recipe = dataclasses.replace(get_recipe("qwen3_tiny"), name="verify", model=load_shape, parallel=Parallelism(), gpus=1)
-    init_parallel_for_tests(recipe)
-    model = build_model(recipe).eval()
+    init_single_process()
+    model = build_tp1_model(load_shape).eval()
     if fmt == "torch_dist":
         # the real loader: dist_checkpointing reshards whatever TP/PP/EP was saved to TP=1
         sharded = model.sharded_state_dict()

@@ -1,1 +1,2 @@
-"""Launch: the CLI, the Megatron-core trainer, torchrun / Slurm / nemo-run launchers and renderers."""
+"""Launch: the root command and the demo, torchrun / Slurm / nemo-run launchers, and the
+NeMo 2 and Megatron-LM renderers (what starts processes or renders another framework's config)."""

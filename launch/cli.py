@@ -18,10 +18,10 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "qwen_pretrain.recipes.cli",
     "qwen_pretrain.preprocessing.cli",
     "qwen_pretrain.preprocessing.tokenizer_cli",
-    "qwen_pretrain.benchmarks.eval_cli",
+    "qwen_pretrain.evaluation.cli",
     "qwen_pretrain.benchmarks.cli",
     "qwen_pretrain.launch.launcher",
-    "qwen_pretrain.launch.train_cli",
+    "qwen_pretrain.launch.train_cmd",
     "qwen_pretrain.launch.demo",
     "qwen_pretrain.conversion.cli",
 )

@@ -74,14 +74,14 @@ def write_sample(out: Path, max_bytes: int = SAMPLE_BYTES) -> tuple[int, int]:
 
 def run_training(work: Path, data_prefix: str, steps: int, nproc: int) -> Path:
     """torchrun the trainer on CPU; echo its NeMo lines; returns the log path."""
-    from qwen_pretrain.launch.train_cli import torchrun_command
+    from qwen_pretrain.launch.train_cmd import local_torchrun_command
 
     log = work / "train.log"
     argv = ["--recipe", RECIPE, "--data-path", data_prefix, "--train-steps", str(steps),
             "--log-dir", str(work / "train"), "--save", str(work / "checkpoints")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     with log.open("w") as out, (work / "train.stderr.log").open("w") as err:
-        proc = subprocess.Popen(torchrun_command(argv, nproc), stdout=subprocess.PIPE, stderr=err,
+        proc = subprocess.Popen(local_torchrun_command(argv, nproc), stdout=subprocess.PIPE, stderr=err,
                                 text=True, env=env)
         assert proc.stdout is not None
         for line in proc.stdout:

@@ -1,7 +1,7 @@
 """`qwen-pretrain launch`: one recipe, a backend (what each process runs) and a launcher (how
 the processes are started), checked before anything is submitted.
 
-    backends   mcore        our Megatron-core trainer (`qwen_pretrain.launch.train_cli`)
+    backends   mcore        our Megatron-core trainer (`qwen_pretrain.training.cli`)
                nemo         NeMo 2 `llm.<model>.pretrain_recipe` (a rendered script, render_nemo.py)
                megatron-lm  Megatron-LM `pretrain_gpt.py` (render_megatron.py)
     launchers  torchrun     this node, rendezvous from MASTER_ADDR/MASTER_PORT/NNODES/NODE_RANK/GPUS_PER_NODE
@@ -17,7 +17,6 @@ then marked), an invalid layout, a GPU Slurm job without a container decision (-
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import subprocess
 import sys
@@ -28,14 +27,14 @@ from qwen_pretrain.launch.nemo_run import ExecutorOptions, render_script_task
 from qwen_pretrain.launch.render_megatron import DEFAULT_MEGATRON_LM_DIR, DataSpec, megatron_lm_args
 from qwen_pretrain.launch.render_nemo import check_nemo_recipe, render_nemo_script
 from qwen_pretrain.launch.slurm import DEFAULT_IMAGE, SlurmJob, check_container, render_sbatch, submit
-from qwen_pretrain.launch.torchrun import Entry, NodeEnv, read_node_env, torchrun_command
+from qwen_pretrain.launch.torchrun import TRAIN_MODULE, Entry, NodeEnv, read_node_env, torchrun_command
 from qwen_pretrain.recipes import Recipe, UserError
 from qwen_pretrain.recipes.cli_args import add_recipe_args, off_benchmark_banner, recipe_from_args
+from qwen_pretrain.recipes.files import atomic_write_text
 
 BACKENDS = ("mcore", "nemo", "megatron-lm")
 LAUNCHERS = ("torchrun", "slurm", "nemo-run")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TRAIN_MODULE = "qwen_pretrain.launch.train_cli"
 # Inside a container the checkout is mounted here, so the plain NeMo image runs our trainer.
 CONTAINER_SRC = "/opt/qwen-pretrain-src"
 
@@ -294,13 +293,8 @@ def print_dry_run(r: Rendered) -> None:
 
 def write_files(files: dict[str, str]) -> None:
     for path, text in files.items():
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text)
-        if target.suffix in (".sbatch", ".py"):
-            tmp.chmod(0o755)
-        os.replace(tmp, target)
+        executable = Path(path).suffix in (".sbatch", ".py")
+        atomic_write_text(path, text, mode=0o755 if executable else None)
 
 
 def cmd_launch(args: argparse.Namespace) -> int:

@@ -12,12 +12,13 @@ header. Modules the parser never uses (e.g. `six`, `triton`) are stubbed when ab
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from unittest import mock
+
+from qwen_pretrain.recipes.files import atomic_write_text
 
 FLAGS_FILE = Path(__file__).resolve().with_name("megatron_lm_flags.txt")
 
@@ -82,9 +83,7 @@ def generate(repo: Path, tag: str, out: Path = FLAGS_FILE) -> int:
         "# regenerate: python -m qwen_pretrain.launch.megatron_lm_flags --repo DIR --tag TAG",
         "# format: flag, then 'switch' (takes no value) or 'value'",
     ]
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text("\n".join(header + rows) + "\n")
-    os.replace(tmp_out, out)
+    atomic_write_text(out, "\n".join(header + rows) + "\n")
     return len(rows)
 
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from qwen_pretrain.recipes import UserError
 
+# The module every rank of our trainer runs (`python -m TRAIN_MODULE ARGS`).
+TRAIN_MODULE = "qwen_pretrain.training.cli"
+
 NODE_ENV = ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "GPUS_PER_NODE")
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from qwen_pretrain.preprocessing.pipeline import PreprocessResult, preprocess
 from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.recipes.files import atomic_write_text
 
 _CORPUS_KEYS = {"name", "inputs", "target_tokens", "weight", "shard_tokens", "json_key", "dedup", "strict"}
 _TOP_KEYS = {"output_dir", "tokenizer", "workers", "json_key", "dedup", "strict", "total_tokens", "corpora"}
@@ -172,9 +173,7 @@ def run_blend(spec: BlendSpec, progress: bool | None = None) -> BlendResult:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def format_blend(result: BlendResult) -> str:

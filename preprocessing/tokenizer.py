@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.recipes.files import atomic_write_text
 from qwen_pretrain.recipes.schema import QWEN_EOD_TOKEN_ID
 
 BACKENDS = ("auto", "gigatoken", "tokenizers")
@@ -189,10 +190,7 @@ def _cache_root() -> Path:
 
 def _write_cache(path: Path, text: str) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     except OSError:
         pass  # a read-only home: compute again next time
 

@@ -32,15 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.recipes.files import atomic_dir
 from qwen_pretrain.recipes.schema import Recipe
 
 KINDS = ("bpe", "sentencepiece")
@@ -204,19 +202,10 @@ def _write_dir(tok, out_dir: Path) -> None:
         "chat_template": CHAT_TEMPLATE,
     }
     special_map = {k: config[k] for k in ("eos_token", "pad_token", "additional_special_tokens")}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, replace=True) as tmp:
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         (tmp / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def tokenizer_eod_id(tokenizer_dir: str | Path) -> int:

@@ -84,3 +84,11 @@ def off_benchmark_banner(recipe: Recipe) -> str | None:
         f"{t.global_batch_size}, seq_length={t.seq_length}, seed={t.seed}; the acceptance table "
         f"fixes GPUs>={acc.gpus}, {acc.global_batch_size}, {acc.seq_length}, {acc.seed}"
     )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value

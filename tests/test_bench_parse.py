@@ -493,8 +493,8 @@ def test_parse_line_by_format():
 
 
 def test_our_trainers_own_formatter_is_parsed_as_ours(tmp_path):
-    """Lines written by the trainer's formatter (launch/train_log.py) itself, skipped step included."""
-    train_log = pytest.importorskip("qwen_pretrain.launch.train_log")
+    """Lines written by the trainer's formatter (training/train_log.py) itself, skipped step included."""
+    train_log = pytest.importorskip("qwen_pretrain.training.train_log")
     lines = []
     for step in range(25):
         rec = train_log.StepRecord(

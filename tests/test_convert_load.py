@@ -2,7 +2,7 @@
 two torchrun processes (gloo, TP=2) into the trainer's GPTModel chunks, same loss as HF.
 
 Real parts: a `transformers` Qwen3 model with the qwen3_tiny shape (real vocabulary 151936),
-`hf_to_mcore`, torchrun, megatron-core `dist_checkpointing`, `launch.parallel` (the trainer's
+`hf_to_mcore`, torchrun, megatron-core `dist_checkpointing`, `training.parallel` (the trainer's
 process groups and model builder); and `qwen-pretrain train --load` itself on a converted
 checkpoint (weights only, step 0, fresh optimizer).
 """
@@ -31,7 +31,7 @@ WORKER = """
 import json, sys, torch
 from megatron.core import dist_checkpointing
 from qwen_pretrain.conversion.checkpoints import check_torch_dist_tp
-from qwen_pretrain.launch.parallel import build_model_chunks, destroy_parallel, init_parallel
+from qwen_pretrain.training.parallel import build_model_chunks, destroy_parallel, init_parallel
 from qwen_pretrain.recipes import get_recipe
 
 RECIPE, mcore, ids_path, out = sys.argv[1:5]

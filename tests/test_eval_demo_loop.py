@@ -22,12 +22,12 @@ from qwen_pretrain.launch.cli import main
 
 def _save_init_checkpoint(out: Path) -> None:
     from megatron.core import dist_checkpointing
-    from qwen_pretrain.launch.model import build_model
-    from qwen_pretrain.launch.parallel import init_parallel_for_tests
     from qwen_pretrain.recipes import get_recipe, override
+    from qwen_pretrain.training.model import build_model
+    from qwen_pretrain.training.parallel import init_single_process
 
     recipe = override(get_recipe("qwen3_tiny"), tp=1, gpus=1)
-    init_parallel_for_tests(recipe, seed=recipe.training.seed)
+    init_single_process(seed=recipe.training.seed)
     model = build_model(recipe)
     (out / "iter_0000000").mkdir(parents=True)
     dist_checkpointing.save({"model": model.sharded_state_dict()}, str(out / "iter_0000000"))

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from qwen_pretrain.benchmarks.generation import decode_loop, distinct_n, repetition_rate, sample_next
-from qwen_pretrain.benchmarks.perplexity import Scorer, perplexity, sliding_windows
+from qwen_pretrain.evaluation.generation import decode_loop, distinct_n, repetition_rate, sample_next
+from qwen_pretrain.evaluation.perplexity import Scorer, perplexity, sliding_windows
 from qwen_pretrain.launch.cli import main
 from qwen_pretrain.recipes.errors import UserError
 

@@ -3,7 +3,7 @@
 Real parts: a tokenizer trained here, a tiny Qwen3 (qwen3_tiny's shape, trained vocabulary) in
 `transformers`, trained for a few dozen AdamW steps on real text (CPython's `json` package
 sources); conversion's `hf_to_mcore` writes a torch_dist checkpoint at TP=2, which `eval ppl
---mcore` loads into launch/model.py's GPTModel at TP=1 (dist_checkpointing reshards).
+--mcore` loads into training/model.py's GPTModel at TP=1 (dist_checkpointing reshards).
 """
 
 from __future__ import annotations

@@ -70,9 +70,9 @@ def check_megatron_flags(args: list[str]) -> None:
 
 
 def train_parser() -> argparse.ArgumentParser | None:
-    if importlib.util.find_spec("qwen_pretrain.launch.train_cli") is None:
+    if importlib.util.find_spec("qwen_pretrain.training.cli") is None:
         return None
-    from qwen_pretrain.launch.train_cli import add_train_arguments
+    from qwen_pretrain.training.cli import add_train_arguments
 
     p = argparse.ArgumentParser(exit_on_error=False)
     add_train_arguments(p)
@@ -120,7 +120,7 @@ def test_dry_run_every_backend_launcher_recipe(capsys, monkeypatch, tmp_path, na
         assert "TimingCallback, log_tokens_per_sec=True" in script
     if backend == "mcore" and launcher == "torchrun":
         i = cmd.index("-m", 3)
-        assert cmd[i + 1] == "qwen_pretrain.launch.train_cli"
+        assert cmd[i + 1] == "qwen_pretrain.training.cli"
         parser = train_parser()
         if parser is not None:  # every flag we pass exists in the trainer's parser
             ns = parser.parse_args(cmd[i + 2:])

@@ -148,8 +148,8 @@ def test_rendered_sbatch_runs_torchrun_with_rendezvous(slurm_cluster, monkeypatc
     assert sorted(line for line in log.splitlines() if line.startswith("probe")) == ["probe 0 2", "probe 1 2"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("qwen_pretrain.launch.train_cli") is None,
-                    reason="the mcore trainer (launch/train_cli.py, trainer issue) has not landed yet")
+@pytest.mark.skipif(importlib.util.find_spec("qwen_pretrain.training.cli") is None,
+                    reason="the mcore trainer (training/cli.py, trainer issue) has not landed yet")
 def test_launch_slurm_tiny_recipe_log_parses(slurm_cluster, monkeypatch, tmp_path, capsys):
     """`launch --launcher slurm` submits a 2-process CPU job of qwen3_tiny through our trainer;
     the benchmarks parser reads its log."""

@@ -8,8 +8,9 @@ import tomllib
 from pathlib import Path
 
 ALLOWED_TOP_LEVEL = {
-    "recipes", "preprocessing", "launch", "conversion", "benchmarks", "tests", "Dockerfile",
-    "README.md", "pyproject.toml", ".ci", "docs", ".gitignore", ".dockerignore",
+    "recipes", "preprocessing", "training", "conversion", "evaluation", "benchmarks", "launch",
+    "tests", "Dockerfile", "README.md", "CONTRIBUTING.md", "pyproject.toml", ".ci", "docs",
+    ".gitignore", ".dockerignore",
 }
 
 

@@ -1,11 +1,11 @@
-"""Parity: HF `transformers` Qwen3 / Qwen2 / Qwen3-MoE vs our megatron-core GPTModel (launch/model.py).
+"""Parity: HF `transformers` Qwen3 / Qwen2 / Qwen3-MoE vs our megatron-core GPTModel (training/model.py).
 
 A tiny HF model of each family (the tiny recipes' shapes, random weights, no download) is mapped
 into megatron-core with `conversion/mapping.py` at TP=1, TP=2, PP=2, PP=2+VPP=2 and, for MoE,
 EP=2; logits of every real token id must match within 1e-5 (fp32, CPU). Everything runs in one
 torchrun job of two gloo processes (this file is also the worker script); megatron-core's
 parallel state is rebuilt for each layout. Real parts throughout: only CUDA is bridged, by
-`launch/cpu_support.py`.
+`training/cpu_support.py`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _mcore_logits(recipe, hf_state: dict, tokens):
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from qwen_pretrain.conversion.mapping import mcore_state_dict_from_hf
-    from qwen_pretrain.launch.parallel import build_model_chunks, init_parallel
+    from qwen_pretrain.training.parallel import build_model_chunks, init_parallel
 
     p = recipe.parallel
     init_parallel(recipe)
@@ -122,8 +122,8 @@ def worker(out_path: str) -> None:
     """One torchrun rank: every case, every layout; rank 0 writes the max differences."""
     import torch
     import torch.distributed as dist
-    from qwen_pretrain.launch.parallel import destroy_parallel, init_distributed
     from qwen_pretrain.recipes import check_layout, get_recipe, override
+    from qwen_pretrain.training.parallel import destroy_parallel, init_distributed
 
     # HF references first, before torch.distributed exists: transformers' save_pretrained
     # writes only on rank 0 of an initialised process group.
@@ -210,8 +210,8 @@ def test_moe_routing_mapping_is_hf_norm_topk_prob():
     """norm_topk_prob=True is megatron-core's top-k-then-softmax (no pre-softmax), and back."""
     import dataclasses
 
-    from qwen_pretrain.launch.model import transformer_config
     from qwen_pretrain.recipes import get_recipe, override
+    from qwen_pretrain.training.model import transformer_config
 
     recipe = override(get_recipe("qwen3_moe_tiny"), ep=1, gpus=1)
     cfg = transformer_config(recipe)

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from qwen_pretrain.launch.train_cli import torchrun_command
+from qwen_pretrain.launch.train_cmd import local_torchrun_command
 
 STEPS = 20
 COMMON = ["--recipe", "qwen3_tiny", "--mock-data", "--gbs", "4", "--mbs", "1", "--seq-length", "64",
@@ -31,7 +31,7 @@ NEMO_LINE = re.compile(
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = torchrun_command(args, 2)  # what `train --nproc 2` runs, on a free port
+    cmd = local_torchrun_command(args, 2)  # what `train --nproc 2` runs, on a free port
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
 
 
@@ -128,9 +128,9 @@ def test_cli_rejects_bad_layout_before_starting(capsys):
 
 def test_nan_loss_stops_naming_the_step(monkeypatch, tmp_path):
     """A world of one process (in this pytest process); the loss turns NaN at step 2."""
-    from qwen_pretrain.launch import train as train_mod
-    from qwen_pretrain.launch.parallel import destroy_parallel
     from qwen_pretrain.recipes import get_recipe, override
+    from qwen_pretrain.training import train as train_mod
+    from qwen_pretrain.training.parallel import destroy_parallel
 
     real = train_mod._run_schedule
 

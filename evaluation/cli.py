@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from qwen_pretrain.benchmarks.cli import positive_int
+from qwen_pretrain.recipes.cli_args import positive_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -75,8 +75,8 @@ def add_bench_generate(actions: argparse._SubParsersAction) -> None:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
-    from qwen_pretrain.benchmarks.generation import write_json
-    from qwen_pretrain.benchmarks.perplexity import hf_scorer, load_token_stream, mcore_scorer, perplexity
+    from qwen_pretrain.evaluation.generation import write_json
+    from qwen_pretrain.evaluation.perplexity import hf_scorer, load_token_stream, mcore_scorer, perplexity
 
     if args.hf:
         scorer = hf_scorer(args.hf, args.tokenizer)
@@ -94,7 +94,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from qwen_pretrain.benchmarks.generation import generate_texts, read_prompts, write_json
+    from qwen_pretrain.evaluation.generation import generate_texts, read_prompts, write_json
 
     prompts = read_prompts(args.prompts)
     report = generate_texts(args.hf, prompts, tokenizer=args.tokenizer, max_new_tokens=args.max_new_tokens,
@@ -109,7 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:
-    from qwen_pretrain.benchmarks.generation import bench_generate, speed_table, write_json
+    from qwen_pretrain.evaluation.generation import bench_generate, speed_table, write_json
 
     speed = bench_generate(args.hf, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                            repeats=args.repeats, warmup=args.warmup, seed=args.seed, dtype=args.dtype,

@@ -27,7 +27,7 @@ on a machine without a GPU. `enable_cpu_support()` bridges exactly those points:
 
 Usage (the trainer and `parallel.init_parallel` call it for you):
 
-    from qwen_pretrain.launch.cpu_support import enable_cpu_support
+    from qwen_pretrain.training.cpu_support import enable_cpu_support
     enable_cpu_support()   # no-op when CUDA is available; idempotent
 
 It never changes anything when `torch.cuda.is_available()` is true, so GPU runs use megatron-core

@@ -2,17 +2,16 @@
 
 Under torchrun (the env vars RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT are set):
 
-    from qwen_pretrain.launch.parallel import init_parallel, build_model_chunks, destroy_parallel
+    from qwen_pretrain.training.parallel import init_parallel, build_model_chunks, destroy_parallel
     init_parallel(recipe)                # torch.distributed + parallel_state + seeded RNG
     chunks = build_model_chunks(recipe)  # list of GPTModel: one, or VPP chunks of this PP rank
     ...
     destroy_parallel()
 
-In one plain Python process (tests, the converters), a world of size 1:
+In one plain Python process (the converters, evaluation, tests), a world of size 1:
 
-    from qwen_pretrain.launch.parallel import init_parallel_for_tests
-    init_parallel_for_tests(recipe)      # recipe's tp/pp/ep... must all be 1 here
-    # or with explicit sizes for a torchrun-started test: init_parallel(recipe) as above
+    from qwen_pretrain.training.parallel import init_single_process
+    init_single_process(seed=1234)       # every parallel size 1
 
 On a machine without CUDA both call `cpu_support.enable_cpu_support()` first.
 """
@@ -28,7 +27,8 @@ from typing import Any
 from qwen_pretrain.recipes.schema import Recipe
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a one-node rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -38,7 +38,7 @@ def init_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
     """torch.distributed from torchrun's environment (or a world of one); returns (rank, world)."""
     import torch
     import torch.distributed as dist
-    from qwen_pretrain.launch.cpu_support import enable_cpu_support
+    from qwen_pretrain.training.cpu_support import enable_cpu_support
 
     enable_cpu_support()
     if not dist.is_initialized():
@@ -51,7 +51,7 @@ def init_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
         else:  # a world of one in this process; leaves the environment untouched
             dist.init_process_group(
                 backend=backend, timeout=timeout, rank=0, world_size=1,
-                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                init_method=f"tcp://127.0.0.1:{free_port()}",
             )
     return dist.get_rank(), dist.get_world_size()
 
@@ -98,21 +98,16 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def init_parallel_for_tests(recipe: Recipe | None = None, *, seed: int = 1234) -> None:
-    """A world of one process (gloo on CPU) with megatron-core parallel state, for tests and tools.
+def init_single_process(*, seed: int = 1234) -> None:
+    """A world of one process (gloo on CPU) with megatron-core parallel state, every parallel
+    size 1, and seeded RNG: what the converters and evaluation build TP=1 models under."""
+    from megatron.core import parallel_state as ps
 
-    Without a recipe every parallel size is 1. With one, its sizes must multiply to 1.
-    """
-    import dataclasses
-
-    from qwen_pretrain.recipes import get_recipe, override
-
-    recipe = recipe or override(get_recipe("qwen3_tiny"), tp=1, gpus=1)
-    p = recipe.parallel
-    if (p.tp, p.pp, p.cp, p.ep) != (1, 1, 1, 1):
-        raise ValueError(f"init_parallel_for_tests runs one process: got tp/pp/cp/ep {p}")
-    recipe = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, seed=seed))
-    init_parallel(recipe)
+    init_distributed()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel()
+    seed_everything(seed)
 
 
 def destroy_parallel() -> None:
@@ -129,7 +124,7 @@ def destroy_parallel() -> None:
 def build_model_chunks(recipe: Recipe, config: Any = None) -> list[Any]:
     """The GPTModel chunk(s) of this rank: one per virtual pipeline stage (one without VPP)."""
     from megatron.core import parallel_state as ps
-    from qwen_pretrain.launch.model import build_model, transformer_config
+    from qwen_pretrain.training.model import build_model, transformer_config
 
     config = config or transformer_config(recipe)
     vpp = recipe.parallel.vpp

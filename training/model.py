@@ -1,12 +1,11 @@
 """A recipe becomes a megatron-core `GPTModel` (Qwen3 dense, Qwen2/2.5, Qwen3-MoE).
 
-    from qwen_pretrain.launch.parallel import init_parallel_for_tests
-    from qwen_pretrain.launch.model import build_model
-    from qwen_pretrain.recipes import get_recipe, override
+    from qwen_pretrain.training.parallel import init_single_process
+    from qwen_pretrain.training.model import build_model, build_tp1_model
 
-    recipe = override(get_recipe("qwen3_tiny"), tp=1, gpus=1)
-    init_parallel_for_tests(recipe)      # world size 1, gloo, parallel_state, seeded RNG
-    model = build_model(recipe)          # GPTModel, fp32 parameters on CPU
+    init_single_process()                # world size 1, gloo, parallel_state, seeded RNG
+    model = build_model(recipe)          # a recipe whose parallel sizes are all 1
+    model = build_tp1_model(shape)       # or a bare model shape (conversion, evaluation)
 
 Under pipeline parallelism build one model per stage with `pre_process`/`post_process` (and
 `vp_stage` for interleaving): `parallel.build_model_chunks(recipe)` does that for you.
@@ -33,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwen_pretrain.recipes.schema import Recipe
+from qwen_pretrain.recipes.schema import ModelShape, Parallelism, Recipe, Training
 
 
 def transformer_engine_available() -> bool:
@@ -165,3 +164,36 @@ def build_model(
         parallel_output=True,
         vp_stage=vp_stage,
     )
+
+
+def tp1_recipe(shape: ModelShape) -> Recipe:
+    """A one-process recipe around `shape`: every parallel size 1, fp32. Conversion and
+    evaluation build their models from it; nothing else of it is read."""
+    return Recipe(
+        name=f"{shape.family}-tp1",
+        description="one process, every parallel size 1",
+        hf_name="",
+        nemo_recipe=None,
+        model=shape,
+        gpus=1,
+        parallel=Parallelism(),
+        training=Training(global_batch_size=1, seq_length=1, precision="fp32"),
+    )
+
+
+def build_tp1_model(shape: ModelShape, *, meta: bool = False) -> Any:
+    """One TP=1 `GPTModel` of `shape` with every layer (fp32; call `init_single_process` first).
+
+    `meta=True` builds it on the meta device without initialising weights: its sharded state
+    dict names every global tensor and its shape without allocating any of them.
+    """
+    recipe = tp1_recipe(shape)
+    if not meta:
+        return build_model(recipe)
+    import torch
+
+    config = transformer_config(recipe)
+    config.perform_initialization = False
+    config.use_cpu_initialization = True
+    with torch.device("meta"):
+        return build_model(recipe, config=config)

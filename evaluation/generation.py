@@ -1,6 +1,6 @@
 """Generation from a Hugging Face model directory: seeded sampling, sanity metrics, speed.
 
-    from qwen_pretrain.benchmarks.generation import generate_texts, bench_generate
+    from qwen_pretrain.evaluation.generation import generate_texts, bench_generate
     report = generate_texts("hf/", ["Once upon a time"], max_new_tokens=32, temperature=0.8, top_p=0.95, seed=0)
     speed = bench_generate("hf/", batch=1, prompt_len=64, new_tokens=64)
 
@@ -160,7 +160,7 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def load_model_and_tokenizer(model_dir: str | Path, tokenizer: str | Path | None, dtype: str = "float32") -> tuple[Any, Any, int]:
     """(HF model, our tokenizer, vocab rows to sample from), with the vocabulary check of `eval ppl`."""
-    from qwen_pretrain.benchmarks.perplexity import check_vocab_match, default_tokenizer, load_hf_model
+    from qwen_pretrain.evaluation.perplexity import check_vocab_match, default_tokenizer, load_hf_model
     from qwen_pretrain.preprocessing.tokenizer import load_tokenizer
 
     tokenizer = str(tokenizer) if tokenizer else default_tokenizer(model_dir)
@@ -248,7 +248,7 @@ def bench_generate(
 ) -> GenerationSpeed:
     """Greedy decoding of random prompts (seeded), EOS ignored so every run makes `new_tokens`."""
     import torch
-    from qwen_pretrain.benchmarks.perplexity import load_hf_model
+    from qwen_pretrain.evaluation.perplexity import load_hf_model
 
     if min(batch, prompt_len, new_tokens, repeats) < 1 or warmup < 0:
         raise UserError("--batch, --prompt-len, --new-tokens and --repeats must be >= 1")
@@ -315,7 +315,7 @@ def speed_table(s: GenerationSpeed) -> str:
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """Atomic: a temp file in the same directory, then rename (`report.atomic_write_bytes`)."""
-    from qwen_pretrain.benchmarks.report import atomic_write_bytes
+    """Atomic: a temp file in the same directory, then rename."""
+    from qwen_pretrain.recipes.files import atomic_write_bytes
 
     atomic_write_bytes(Path(path), (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode())

@@ -1,6 +1,6 @@
 """Token-level perplexity of a causal LM on held-out text, by the standard sliding window.
 
-    from qwen_pretrain.benchmarks.perplexity import perplexity, load_token_stream, hf_scorer
+    from qwen_pretrain.evaluation.perplexity import perplexity, load_token_stream, hf_scorer
     ids = load_token_stream("heldout.jsonl", tokenizer="tok/")        # or a .bin/.idx prefix
     result = perplexity(hf_scorer("hf_model/"), ids, seq_length=128, stride=64)
 
@@ -26,7 +26,7 @@ with unlimited context. Perplexity = exp(sum of token negative log-likelihoods /
 
 A scorer maps a batch of token ids [B, T] to float32 logits [B, T, V] over the model's real
 vocabulary; `hf_scorer` runs `transformers`, `mcore_scorer` a megatron-core GPTModel built by
-`launch/model.py` from a recipe and loaded from a torch_dist checkpoint, so the same weights
+`training/model.py` from a recipe and loaded from a torch_dist checkpoint, so the same weights
 can be checked through both (they agree to ~1e-6 relative in fp32).
 """
 
@@ -238,7 +238,7 @@ def mcore_tokenizer(checkpoint: str | Path) -> str:
 
 
 def mcore_scorer(checkpoint: str | Path, recipe_name: str | None = None, tokenizer: str | Path | None = None) -> Scorer:
-    """A megatron-core GPTModel at TP=1 (launch/model.py) with a checkpoint's weights.
+    """A megatron-core GPTModel at TP=1 (training/model.py) with a checkpoint's weights.
 
     The checkpoint is the trainer's `--save` directory or `convert`'s output (torch_dist, any saved
     TP/PP, resharded by dist_checkpointing on load; or legacy). Its shape comes from the

@@ -1,7 +1,10 @@
-"""`qwen-pretrain train`: train a recipe on Megatron-core (started by torchrun).
+"""The trainer's command line: the module torchrun starts on every rank.
 
-    torchrun --nproc-per-node 2 -m qwen_pretrain.launch.train_cli --recipe qwen3_tiny --mock-data
+    torchrun --nproc-per-node 2 -m qwen_pretrain.training.cli --recipe qwen3_tiny --mock-data
     qwen-pretrain train --recipe qwen3_tiny --mock-data --nproc 2      # spawns torchrun itself
+
+`qwen-pretrain train` (launch/train_cmd.py) takes the same arguments; with `--nproc` it starts
+torchrun on this machine, without it it runs `run_train` in its own process.
 
 Recipe overrides (`--tp --pp ... --seed --train-steps`) go through `recipes.override` and
 `recipes.check_layout`, so the acceptance table is guarded (`--off-benchmark`) and impossible
@@ -13,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
 from typing import Any
 
@@ -52,9 +54,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def recipe_from_args(args: argparse.Namespace, world_size: int | None = None) -> Any:
     """The recipe with the command line's overrides, validated for `world_size` processes."""
-    from qwen_pretrain.launch import data as data_mod
     from qwen_pretrain.recipes import check_layout
     from qwen_pretrain.recipes.cli_args import recipe_from_args as shared_recipe_from_args
+    from qwen_pretrain.training import data as data_mod
 
     recipe = shared_recipe_from_args(
         args, gpus=world_size, validate=False,
@@ -74,51 +76,16 @@ def recipe_from_args(args: argparse.Namespace, world_size: int | None = None) ->
     return recipe
 
 
-def torchrun_command(argv: list[str], nproc: int, port: int | None = None) -> list[str]:
-    """The torchrun command that runs this module with `argv` (minus --nproc) on one node."""
-    cleaned, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        cleaned.append(a)
-    from qwen_pretrain.launch.torchrun import Entry, NodeEnv
-    from qwen_pretrain.launch.torchrun import torchrun_command as node_command
-
-    if port is None:
-        from qwen_pretrain.launch.parallel import _free_port
-
-        port = _free_port()
-    node = NodeEnv(master_addr="127.0.0.1", master_port=port, nnodes=1, node_rank=0, gpus_per_node=nproc)
-    return node_command(node, Entry(sys.executable, tuple(cleaned), module="qwen_pretrain.launch.train_cli"))
-
-
-def spawn(argv: list[str], nproc: int, env: dict[str, str] | None = None) -> int:
-    """Run training under a fresh torchrun on this machine; returns its exit code."""
-    if nproc < 1:
-        raise UserError(f"--nproc {nproc}: give at least 1")
-    env = dict(os.environ if env is None else env)
-    # On CPU each process gets its share of the cores (torch would take them all per process).
-    if "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    return subprocess.run(torchrun_command(argv, nproc), env=env).returncode
-
-
-def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+def run_train(args: argparse.Namespace) -> int:
+    """Train in this process, one rank of the world torchrun started."""
     if args.nproc:
-        recipe_from_args(args, args.nproc)  # fail fast, before any process starts
-        return spawn(list(sys.argv[2:] if argv is None else argv), args.nproc)
+        raise UserError("--nproc spawns torchrun: run `qwen-pretrain train ... --nproc N` instead")
     if "WORLD_SIZE" not in os.environ:
         raise UserError(
-            "train runs under torchrun: `torchrun --nproc-per-node N -m qwen_pretrain.launch.train_cli ...`, "
+            "train runs under torchrun: `torchrun --nproc-per-node N -m qwen_pretrain.training.cli ...`, "
             "or pass --nproc N to spawn it on this machine"
         )
-    from qwen_pretrain.launch.train import TrainOptions, train
+    from qwen_pretrain.training.train import TrainOptions, train
 
     recipe = recipe_from_args(args, int(os.environ["WORLD_SIZE"]))
     opts = TrainOptions(
@@ -128,20 +95,10 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     try:
         train(recipe, opts)
     finally:
-        from qwen_pretrain.launch.parallel import destroy_parallel
+        from qwen_pretrain.training.parallel import destroy_parallel
 
         destroy_parallel()
     return 0
-
-
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="train a recipe on Megatron-core (under torchrun, or --nproc N to spawn it)",
-        description=__doc__.split("\n\n")[0],
-    )
-    add_train_arguments(p)
-    p.set_defaults(func=run_train)
 
 
 def quiet_library_warnings() -> None:
@@ -160,14 +117,14 @@ def quiet_library_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m qwen_pretrain.launch.train_cli` (one torchrun worker)."""
+    """Entry point of `python -m qwen_pretrain.training.cli` (one torchrun worker)."""
     quiet_library_warnings()
     parser = argparse.ArgumentParser(prog="qwen-pretrain train")
     add_train_arguments(parser)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     try:
-        return run_train(args, argv)
+        return run_train(args)
     except UserError as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"qwen-pretrain train: error: {err}", file=sys.stderr)

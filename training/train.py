@@ -1,6 +1,6 @@
 """The Megatron-core trainer: one recipe, one readable loop (run under torchrun).
 
-    from qwen_pretrain.launch.train import TrainOptions, train
+    from qwen_pretrain.training.train import TrainOptions, train
     result = train(recipe, TrainOptions(save="ckpt", log_dir="runs/x"))
 
 Per step: megatron-core DDP (+ the distributed optimizer, AdamW) over `get_forward_backward_func`
@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from qwen_pretrain.launch import data as data_mod
-from qwen_pretrain.launch.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from qwen_pretrain.launch.train_log import MetricsWriter, StepRecord
 from qwen_pretrain.recipes.errors import UserError
 from qwen_pretrain.recipes.schema import Recipe
+from qwen_pretrain.training import data as data_mod
+from qwen_pretrain.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from qwen_pretrain.training.train_log import MetricsWriter, StepRecord
 
 
 class NonFiniteLossError(UserError):
@@ -76,8 +76,8 @@ def _setup(recipe: Recipe, opts: TrainOptions) -> _Setup:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.module import Float16Module
-    from qwen_pretrain.launch.model import transformer_config, use_bf16
-    from qwen_pretrain.launch.parallel import build_model_chunks, init_parallel
+    from qwen_pretrain.training.model import transformer_config, use_bf16
+    from qwen_pretrain.training.parallel import build_model_chunks, init_parallel
 
     init_parallel(recipe)
     t, p = recipe.training, recipe.parallel

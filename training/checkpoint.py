@@ -22,10 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwen_pretrain.launch.cpu_support import init_torch_adam_state, untie_torch_adam_steps
 from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.training.checkpoint_dir import (
+    TRACKER_FILE,
+    check_torch_dist_tp,
+    iter_dir,
+    latest_iteration,
+)
+from qwen_pretrain.training.cpu_support import init_torch_adam_state, untie_torch_adam_steps
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state in the canonical per-parameter layout, so that a checkpoint
 # loads under another TP/PP/DP layout (megatron-core 0.16 no longer writes the older
 # "fully_sharded_model_space" form).
@@ -39,20 +44,6 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     val_loss: float | None = None
-
-
-def iter_dir(save_dir: str | os.PathLike, iteration: int) -> Path:
-    return Path(save_dir) / f"iter_{iteration:07d}"
-
-
-def latest_iteration(load_dir: str | os.PathLike) -> int | None:
-    tracker = Path(load_dir) / TRACKER_FILE
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise UserError(f"{tracker}: expected an iteration number, found '{text[:40]}'")
-    return int(text)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -168,8 +159,6 @@ def load_checkpoint(
     if not path.is_dir():
         raise UserError(f"--load {load_dir}: {TRACKER_FILE} names {path.name}, which is missing")
     if shape is not None and tp is not None:
-        from qwen_pretrain.conversion.checkpoints import check_torch_dist_tp
-
         check_torch_dist_tp(Path(load_dir), shape, tp)
     common = dist_checkpointing.load_common_state_dict(str(path))
     if "train_state" not in common:

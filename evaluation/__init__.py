@@ -1,0 +1,1 @@
+"""Evaluation of a trained model: perplexity, generation sanity and generation speed."""
