@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.recipes.files import atomic_dir
 
 RECIPE = "qwen3_tiny"
 STEPS = 40
@@ -105,26 +105,15 @@ def judge(log: Path) -> tuple[Any, Any]:
     return run, accept(run, baseline, loss_tol=LOSS_TOLERANCE)
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished `tmp` to `final`, replacing an older demo output."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def run_demo(args: argparse.Namespace) -> int:
     from qwen_pretrain.benchmarks.acceptance import verdict_table
     from qwen_pretrain.preprocessing.pipeline import preprocess
 
     final = Path(args.out).resolve()
-    work = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     started = time.perf_counter()
-    try:
+    # The whole demo works in a temporary directory beside `final` that replaces an older demo
+    # output only once the report is written; a failure or interrupt removes it.
+    with atomic_dir(final, replace=True) as work:
         print(f"[1/4] sampling real text (CPython stdlib sources, /usr/share/doc) -> {work.name}/sample.jsonl")
         docs, size = write_sample(work / "sample.jsonl", args.sample_bytes)
         print(f"      {docs} documents, {size / 1e6:.1f} MB")
@@ -159,10 +148,6 @@ def run_demo(args: argparse.Namespace) -> int:
             {"run": run.to_json(), "verdict": verdict.status, "reason": verdict.reason,
              "baseline_final_loss": REFERENCE_FINAL_LOSS, "seconds": time.perf_counter() - started},
             indent=1) + "\n")
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    replace_dir(work, final)
     print(text)
     print(f"outputs in {final}/ ({time.perf_counter() - started:.0f} s)")
     return verdict.exit_code

@@ -31,6 +31,7 @@ from qwen_pretrain.launch.torchrun import TRAIN_MODULE, Entry, NodeEnv, read_nod
 from qwen_pretrain.recipes import Recipe, UserError
 from qwen_pretrain.recipes.cli_args import add_recipe_args, off_benchmark_banner, recipe_from_args
 from qwen_pretrain.recipes.files import atomic_write_text
+from qwen_pretrain.training.data import parse_data_path
 
 BACKENDS = ("mcore", "nemo", "megatron-lm")
 LAUNCHERS = ("torchrun", "slurm", "nemo-run")
@@ -53,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d = p.add_argument_group("data")
     src = d.add_mutually_exclusive_group()
     src.add_argument("--data-path", nargs="+", metavar="W_OR_PREFIX",
-                     help="PREFIX ... or W1 PREFIX1 W2 PREFIX2 ... (preprocessed .bin/.idx prefixes)")
+                     help="PREFIX or W1 PREFIX1 W2 PREFIX2 ... (preprocessed .bin/.idx prefixes)")
     src.add_argument("--mock-data", action="store_true", help="mock data (the acceptance baseline)")
     d.add_argument("--split", help="train,valid,test weights (default: the recipe's)")
     d.add_argument("--tokenizer-dir", help="Hugging Face tokenizer directory (NeMo, Megatron-LM)")
@@ -89,6 +90,8 @@ class Rendered:
 
 
 def parse_data(args: argparse.Namespace, recipe: Recipe) -> DataSpec:
+    """The data decision: --mock-data, --data-path (the trainer's parser, prefixes made absolute
+    for the nodes), or the recipe's own blend."""
     split = args.split or recipe.data.split
     tok = args.tokenizer_dir and str(Path(args.tokenizer_dir).resolve())
     if args.mock_data:
@@ -96,23 +99,10 @@ def parse_data(args: argparse.Namespace, recipe: Recipe) -> DataSpec:
     if not args.data_path:
         if recipe.data.blend:
             return DataSpec(blend=recipe.data.blend, split=split, tokenizer_dir=tok)
-        raise UserError("choose the data: --data-path PREFIX [...] (preprocessed .bin/.idx) or --mock-data")
-    items = args.data_path
-    if len(items) % 2 == 0 and all(_is_number(w) for w in items[::2]):
-        blend = tuple((float(w), str(Path(p).resolve())) for w, p in zip(items[::2], items[1::2]))
-    elif not any(_is_number(x) for x in items):
-        blend = tuple((1.0, str(Path(x).resolve())) for x in items)
-    else:
-        raise UserError("--data-path: give PREFIX ... or W1 PREFIX1 W2 PREFIX2 ..., not a mix")
+        raise UserError("choose the data: --data-path PREFIX or W1 PREFIX1 W2 PREFIX2 ... "
+                        "(preprocessed .bin/.idx) or --mock-data")
+    blend = tuple((w, str(Path(p).resolve())) for w, p in parse_data_path(args.data_path))
     return DataSpec(blend=blend, split=split, tokenizer_dir=tok)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _layout(args: argparse.Namespace, recipe_gpus: int) -> tuple[int, int, NodeEnv | None]:

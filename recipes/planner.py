@@ -280,8 +280,6 @@ def plan(recipe: Recipe, gpu: GpuSpec, mfu: float) -> dict:
         },
         "training": asdict(t),
         "data": asdict(recipe.data),
-        "checkpoint": asdict(recipe.checkpoint),
-        "logging": asdict(recipe.logging),
         "params_total": counts.total,
         "params_active": counts.active,
         "params_non_embedding": counts.non_embedding,

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Family = Literal["qwen3", "qwen2", "qwen3_moe"]
+# A model family's name ("qwen3", "qwen2", "qwen3_moe"): the key of its entry in
+# `conversion/families.py`, which holds how the family's tensors convert. A new family is a
+# recipe plus that one entry, so the name is not an enumeration here.
+Family = str
 
 # Qwen's end-of-document token. Qwen3's config.json eos (<|im_end|> = 151645) is a chat token
 # and must not be used as EOD for pretraining.
@@ -101,21 +104,6 @@ class Data:
 
 
 @dataclass(frozen=True)
-class Checkpointing:
-    save_dir: str | None = None
-    load_dir: str | None = None
-    save_interval: int = 0  # 0: only at the end when save_dir is set
-    format: Literal["torch_dist", "legacy"] = "torch_dist"
-
-
-@dataclass(frozen=True)
-class Logging:
-    log_interval: int = 1
-    tensorboard_dir: str | None = None
-    metrics_jsonl: str | None = None
-
-
-@dataclass(frozen=True)
 class Acceptance:
     """One row of the acceptance table: what a benchmark run must keep fixed."""
 
@@ -136,8 +124,6 @@ class Recipe:
     parallel: Parallelism
     training: Training
     data: Data = field(default_factory=Data)
-    checkpoint: Checkpointing = field(default_factory=Checkpointing)
-    logging: Logging = field(default_factory=Logging)
     acceptance: Acceptance | None = None
     tiny: bool = False  # trains on CPU in seconds
     # Set when a user changed what the acceptance table fixes (global batch, seq length, seed);

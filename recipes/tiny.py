@@ -4,7 +4,7 @@ They use the real Qwen vocabulary so that the real tokenizer and preprocessed da
 unchanged; everything else is shrunk.
 """
 
-from qwen_pretrain.recipes.schema import Logging, ModelShape, Parallelism, Recipe, Training
+from qwen_pretrain.recipes.schema import ModelShape, Parallelism, Recipe, Training
 
 _TINY_TRAINING = Training(
     global_batch_size=8,
@@ -42,7 +42,6 @@ QWEN3_TINY = Recipe(
     gpus=2,
     parallel=Parallelism(tp=2, micro_batch_size=2),
     training=_TINY_TRAINING,
-    logging=Logging(log_interval=1),
     tiny=True,
 )
 

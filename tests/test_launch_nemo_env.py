@@ -41,7 +41,7 @@ def expected_fields(recipe: Recipe, nodes: int, per_node: int) -> dict[str, obje
         "trainer.num_nodes": nodes,
         "trainer.devices": per_node,
         "trainer.max_steps": t.train_steps,
-        "trainer.log_every_n_steps": recipe.logging.log_interval,
+        "trainer.log_every_n_steps": 1,  # every step: the acceptance rule reads per-step lines
         "trainer.val_check_interval": t.eval_interval,
         "trainer.limit_val_batches": t.eval_iters,
         "trainer.strategy.tensor_model_parallel_size": p.tp,

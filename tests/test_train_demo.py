@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from qwen_pretrain.launch import demo
+from qwen_pretrain.recipes.files import atomic_dir
 
 
 def test_sample_is_real_text_in_sorted_order(tmp_path):
@@ -21,15 +22,15 @@ def test_sample_is_real_text_in_sorted_order(tmp_path):
     assert again.read_text() == out.read_text()  # deterministic: the baseline depends on it
 
 
-def test_replace_dir_swaps_whole_directories(tmp_path):
-    final, tmp = tmp_path / "demo_output", tmp_path / "work"
+def test_demo_output_replaces_an_older_one_whole(tmp_path):
+    """The demo's work directory (`atomic_dir(out, replace=True)`) swaps whole directories."""
+    final = tmp_path / "demo_output"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    tmp.mkdir()
-    (tmp / "report.txt").write_text("new")
-    demo.replace_dir(tmp, final)
-    assert sorted(p.name for p in final.iterdir()) == ["report.txt"] and not tmp.exists()
-    assert not (tmp_path / "demo_output.old").exists()
+    with atomic_dir(final, replace=True) as work:
+        (work / "report.txt").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["report.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["demo_output"]  # no work or old directory left
 
 
 @pytest.mark.slow
@@ -42,4 +43,4 @@ def test_demo_end_to_end_passes(tmp_path, repo_root):
     report = json.loads((out / "report.json").read_text())
     assert report["verdict"] == "passed" and report["run"]["steps"] == demo.STEPS
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == str(demo.STEPS)
-    assert not list(tmp_path.glob("demo.tmp-*"))
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no work directory left beside it

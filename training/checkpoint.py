@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.recipes.files import atomic_write_text
 from qwen_pretrain.training.checkpoint_dir import (
     TRACKER_FILE,
     check_torch_dist_tp,
@@ -109,6 +110,9 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing
 
     final = iter_dir(save_dir, state.iteration)
+    # Not `files.atomic_dir`: every rank writes its shards through dist_checkpointing into one
+    # directory that all ranks must name alike, between barriers, while atomic_dir picks a random
+    # name on one process. A fixed `.tmp` name renamed by rank 0 gives the same guarantee.
     tmp = final.with_name(final.name + ".tmp")
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -120,10 +124,7 @@ def save_checkpoint(
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        tracker = Path(save_dir) / TRACKER_FILE
-        tracker_tmp = tracker.with_name(tracker.name + ".tmp")
-        tracker_tmp.write_text(f"{state.iteration}\n")
-        os.replace(tracker_tmp, tracker)
+        atomic_write_text(Path(save_dir) / TRACKER_FILE, f"{state.iteration}\n")
     dist.barrier()
     return final
 

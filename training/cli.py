@@ -52,13 +52,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="spawn torchrun with this many local processes (CPU demo, one node)")
 
 
-def recipe_from_args(args: argparse.Namespace, world_size: int | None = None) -> Any:
-    """The recipe with the command line's overrides, validated for `world_size` processes."""
+def training_recipe_from_args(args: argparse.Namespace, world_size: int | None = None) -> Any:
+    """The recipe with the command line's overrides and the trainer's own options (eval cadence,
+    LR, data), validated for `world_size` processes. The shared recipe options alone are
+    `recipes.cli_args.recipe_from_args`, which this builds on."""
     from qwen_pretrain.recipes import check_layout
-    from qwen_pretrain.recipes.cli_args import recipe_from_args as shared_recipe_from_args
+    from qwen_pretrain.recipes.cli_args import recipe_from_args
     from qwen_pretrain.training import data as data_mod
 
-    recipe = shared_recipe_from_args(
+    recipe = recipe_from_args(
         args, gpus=world_size, validate=False,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, lr=args.lr,
     )
@@ -87,7 +89,7 @@ def run_train(args: argparse.Namespace) -> int:
         )
     from qwen_pretrain.training.train import TrainOptions, train
 
-    recipe = recipe_from_args(args, int(os.environ["WORLD_SIZE"]))
+    recipe = training_recipe_from_args(args, int(os.environ["WORLD_SIZE"]))
     opts = TrainOptions(
         load=args.load, save=args.save, save_interval=args.save_interval, log_dir=args.log_dir,
         on_nan=args.on_nan, gpu=args.gpu, stop_after=args.stop_after,

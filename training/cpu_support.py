@@ -44,11 +44,6 @@ _ENABLED = False
 _MODE: Any = None
 
 
-def cpu_support_active() -> bool:
-    """True once `enable_cpu_support()` patched this process (CPU-only machines)."""
-    return _ENABLED
-
-
 def enable_cpu_support() -> bool:
     """Patch torch.cuda / megatron-core for CPU; returns True when the patches are active."""
     global _ENABLED, _MODE

@@ -9,6 +9,7 @@ resumed run reads exactly the samples the uninterrupted run would have read.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,25 +32,62 @@ class TokenIds:
 
 
 def parse_data_path(values: list[str]) -> tuple[tuple[float, str], ...]:
-    """Megatron's `--data-path`: `PREFIX` or `W1 PREFIX1 W2 PREFIX2 ...` -> ((w, prefix), ...)."""
+    """`--data-path` values -> ((weight, prefix), ...): the one parser of `train` and `launch`.
+
+    The rule:
+      - `PREFIX`: one dataset, weight 1.
+      - `W1 PREFIX1 W2 PREFIX2 ...`: a blend; every prefix follows its weight, a positive number
+        (weights are relative: megatron-core normalizes them to sum to 1).
+      - Several prefixes without weights are refused. megatron-core's `get_blend_from_list` would
+        accept them and weigh each dataset by its size; the renderers and the recipe carry explicit
+        weights, so the user writes them (`1 A 1 B` for equal shares, or the weights that
+        `qwen-pretrain preprocess blend` prints).
+      - One quoted argument holding the whole list (`"0.3 A 0.7 B"`) is refused: the shell passes it
+        as a single prefix, so the words must be separate arguments.
+    Every error is one line naming `--data-path` and the fix. The prefixes are returned as given
+    (not resolved, not checked for files: `check_prefixes` does that where the data is read).
+    """
     if not values:
         return ()
+    usage = "give --data-path PREFIX or --data-path W1 PREFIX1 W2 PREFIX2 ..."
     if len(values) == 1:
-        return ((1.0, values[0]),)
-    if len(values) % 2:
+        (value,) = values
+        if _is_number(value):
+            raise UserError(f"--data-path: '{value}' is a weight with no PREFIX after it; {usage}")
+        words = value.split()
+        if len(words) > 1 and _is_number(words[0]):
+            raise UserError(
+                f"--data-path: one quoted value '{value}'; pass its weights and prefixes as separate "
+                "arguments (drop the quotes)"
+            )
+        return ((1.0, value),)
+    if not any(_is_number(v) for v in values):
         raise UserError(
-            f"--data-path: {len(values)} values; give one PREFIX or WEIGHT PREFIX pairs"
+            f"--data-path: {len(values)} prefixes without weights; put a weight before each prefix, "
+            f"e.g. --data-path 1 {values[0]} 1 {values[1]}{' ...' if len(values) > 2 else ''} "
+            "(datasets are not weighed by their size)"
         )
+    if len(values) % 2:
+        raise UserError(f"--data-path: {len(values)} values, not WEIGHT PREFIX pairs; {usage}")
     pairs = []
     for weight, prefix in zip(values[::2], values[1::2], strict=True):
-        try:
-            w = float(weight)
-        except ValueError:
-            raise UserError(
-                f"--data-path: '{weight}' is not a weight; give WEIGHT PREFIX pairs"
-            ) from None
+        if not _is_number(weight):
+            raise UserError(f"--data-path: '{weight}' stands where a weight belongs; {usage}")
+        if _is_number(prefix):
+            raise UserError(f"--data-path: '{prefix}' stands where a PREFIX belongs; {usage}")
+        w = float(weight)
+        if not (math.isfinite(w) and w > 0):
+            raise UserError(f"--data-path: weight '{weight}' of {prefix} must be a positive number")
         pairs.append((w, prefix))
     return tuple(pairs)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_prefixes(blend: tuple[tuple[float, str], ...]) -> None:

@@ -26,7 +26,7 @@ from qwen_pretrain.recipes.errors import UserError
 from qwen_pretrain.recipes.schema import Recipe
 from qwen_pretrain.training import data as data_mod
 from qwen_pretrain.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from qwen_pretrain.training.train_log import MetricsWriter, StepRecord
+from qwen_pretrain.training.train_log import MetricsWriter, StepMetrics
 
 
 class NonFiniteLossError(UserError):
@@ -334,7 +334,7 @@ def train(recipe: Recipe, opts: TrainOptions) -> TrainResult:
                 result.val_losses[step] = state.val_loss
                 writer.validation(step, state.val_loss)
             flops = _flops_per_gpu_per_s(recipe, step_time, s.world)
-            record = StepRecord(
+            record = StepMetrics(
                 step=step,
                 train_steps=t.train_steps,
                 lr=lr,

@@ -26,7 +26,10 @@ from typing import Any, TextIO
 
 
 @dataclass(frozen=True)
-class StepRecord:
+class StepMetrics:
+    """One training step as the trainer measured it: what its log line, metrics.jsonl and
+    TensorBoard report. (A step parsed back from a log is `benchmarks.logformats.StepRecord`.)"""
+
     step: int  # 0-based, NeMo's global_step
     train_steps: int
     lr: float
@@ -46,7 +49,7 @@ def fmt(value: float) -> str:
     return f"{value:.4}"
 
 
-def nemo_line(r: StepRecord) -> str:
+def nemo_line(r: StepMetrics) -> str:
     """One NeMo 2 `Training epoch 0, iteration ...` line (no trailing newline)."""
     parts = [
         f"Training epoch 0, iteration {r.step}/{r.train_steps - 1}",
@@ -103,7 +106,7 @@ class MetricsWriter:
         self.stream.write(line + "\n")
         self.stream.flush()
 
-    def step(self, r: StepRecord) -> None:
+    def step(self, r: StepMetrics) -> None:
         self.print(nemo_line(r))
         self._json({"kind": "train", **asdict(r)})
         if self.tb is not None:
