@@ -15,8 +15,9 @@ All read the files right after they were written, so all read from the page cach
 compares like with like, the absolute speeds are page-cache speeds, not disk speeds. Writes go
 to --workdir: on a disk they are bounded by its write speed (raw copy shows that bound);
 `--workdir /dev/shm` measures the conversion without the disk.
-Peak RSS is each child's `ru_maxrss`; times are wall times of the work after start-up (Python
-and the imports of torch and the converter), for all three alike.
+Each child runs under `benchmarks/harness.run_child`, which gives its peak RSS; times are wall
+times of the work after start-up (Python and the imports of torch and the converter), for all
+alike.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from qwen_pretrain.benchmarks.harness import ChildRun, compare, load_average, run_child
 
 # Every byte of the files, read into one reused buffer. (safe_open's get_tensor is no baseline:
 # with torch imported it returns tensors that map the file and reads nothing.)
@@ -86,6 +89,14 @@ print(time.perf_counter() - t)
 """
 
 
+@dataclass(frozen=True)
+class Measured:
+    """One measured child: the run, and the seconds of its work after start-up (it prints them last)."""
+
+    run: ChildRun
+    seconds: float
+
+
 def generate(out: Path, recipe: str, shard_bytes: int = 512 * 1024**2) -> int:
     """Random bf16 weights of the recipe's shape, written shard by shard; returns total bytes."""
     import torch
@@ -135,30 +146,15 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="convert_bench_", dir=a.workdir))
     try:
-        t = time.perf_counter()
         py = sys.executable
-        # in a child: ru_maxrss survives fork + exec, so the measured children must be forked
-        # from a small parent, not from one that held the generated tensors
-        gen = subprocess.run(
-            [py, "-c", f"from qwen_pretrain.benchmarks.convert_bench import generate; from pathlib import Path; "
-             f"print(generate(Path({str(root / 'hf')!r}), {a.recipe!r}))"],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        size = int(gen.stdout.strip().splitlines()[-1])
-        gen_s = time.perf_counter() - t
-        # each child runs under a wrapper that prints its own ru_maxrss (RUSAGE_CHILDREN would
-        # report the max over all children)
-        wrap = (
-            "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
-            "code = None\n"
-            "try:\n"
-            "    runpy.run_path(sys.argv[0], run_name='__main__') if sys.argv[0].endswith('.py') else "
-            "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
-            "except SystemExit as e:\n"
-            "    code = e.code\n"
-            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-            "sys.exit(code or 0)\n"
-        )
+        # in a child, so the memory of the generated tensors is gone before the measured runs
+        gen_cmd = [py, "-c", "from qwen_pretrain.benchmarks.convert_bench import generate; "
+                   f"from pathlib import Path; print(generate(Path({str(root / 'hf')!r}), {a.recipe!r}))"]
+        gen = run_child(gen_cmd)
+        if not gen.ok:
+            raise subprocess.CalledProcessError(gen.exit_code, gen_cmd, gen.stdout, gen.stderr)
+        size = int(gen.last_stdout_line())
+        gen_s = gen.wall_s
         raw_script = root / "raw_read.py"
         raw_script.write_text(RAW_READ)
         copy_script = root / "raw_copy.py"
@@ -168,31 +164,40 @@ def main(argv: list[str] | None = None) -> int:
         convert_script = root / "convert.py"
         convert_script.write_text(CONVERT)
 
-        def measured(args: list[str]) -> tuple[float, float, str]:
+        def measured(args: list[str]) -> Measured:
             os.sync()  # each child starts with no dirty pages left by the one before
-            t0 = time.perf_counter()
-            proc = subprocess.run([py, "-c", wrap, *args], capture_output=True, text=True, check=False)
-            wall = time.perf_counter() - t0
-            if proc.returncode:
-                sys.stderr.write(proc.stderr[-3000:])
+            run = run_child([py, *args])
+            if not run.ok:
+                sys.stderr.write(run.stderr[-3000:])
                 raise SystemExit(f"child failed: {args}")
-            rss_kb = int([ln for ln in proc.stderr.splitlines() if ln.startswith("MAXRSS")][-1].split()[1])
-            return wall, rss_kb / 1024**2, proc.stdout
+            return Measured(run, float(run.last_stdout_line()))
 
-        raw_wall, raw_rss, raw_out = measured([str(raw_script), str(root / "hf")])
-        raw_read_s = float(raw_out.strip().splitlines()[-1])
-        _, copy_rss, copy_out = measured([str(copy_script), str(root / "hf"), str(root / "copy.bin")])
-        copy_s = float(copy_out.strip().splitlines()[-1])
-        (root / "copy.bin").unlink()
-        _, _, kernel_out = measured([str(kernel_script), str(root / "hf"), str(root / "kernel_copy")])
-        kernel_s = float(kernel_out.strip().splitlines()[-1])
-        shutil.rmtree(root / "kernel_copy")
-        conv_args = [
-            str(convert_script), "convert", "hf-to-mcore", "--hf", str(root / "hf"),
-            "--out", str(root / "mcore"), "--tp", str(a.tp), "--pp", str(a.pp), "--format", a.format, "--quiet",
-        ]  # fmt: skip
-        conv_wall_startup, conv_rss, conv_out = measured(conv_args)
-        conv_wall = float(conv_out.strip().splitlines()[-1])
+        def raw_copy() -> Measured:
+            m = measured([str(copy_script), str(root / "hf"), str(root / "copy.bin")])
+            (root / "copy.bin").unlink()
+            return m
+
+        def kernel_copy() -> Measured:
+            m = measured([str(kernel_script), str(root / "hf"), str(root / "kernel_copy")])
+            shutil.rmtree(root / "kernel_copy")
+            return m
+
+        def convert() -> Measured:
+            shutil.rmtree(root / "mcore", ignore_errors=True)  # a repeat writes afresh
+            return measured([
+                str(convert_script), "convert", "hf-to-mcore", "--hf", str(root / "hf"),
+                "--out", str(root / "mcore"), "--tp", str(a.tp), "--pp", str(a.pp), "--format", a.format,
+                "--quiet",
+            ])  # fmt: skip
+
+        runs = compare(
+            {"raw_read": lambda: measured([str(raw_script), str(root / "hf")]),
+             "raw_copy": raw_copy, "kernel_copy": kernel_copy, "convert": convert},
+            speed=lambda m: 1 / m.seconds,
+        )  # fmt: skip
+        raw, copy, kernel, conv = (runs.best[k] for k in ("raw_read", "raw_copy", "kernel_copy", "convert"))
+        raw_read_s, copy_s, kernel_s, conv_wall = raw.seconds, copy.seconds, kernel.seconds, conv.seconds
+        raw_rss, conv_rss = raw.run.peak_rss_bytes / 1024**3, conv.run.peak_rss_bytes / 1024**3
         out_bytes = sum(f.stat().st_size for f in (root / "mcore").rglob("*") if f.is_file())
         gb = size / 1024**3
         result = {
@@ -209,15 +214,15 @@ def main(argv: list[str] | None = None) -> int:
             "kernel_copy_s": round(kernel_s, 2),
             "kernel_copy_gb_per_s": round(gb / kernel_s, 3),
             "convert_s": round(conv_wall, 2),
-            "convert_s_with_startup": round(conv_wall_startup, 2),
+            "convert_s_with_startup": round(conv.run.wall_s, 2),
             "convert_gb_per_s": round(gb / conv_wall, 3),
             "convert_peak_rss_gb": round(conv_rss, 3),
             "rss_fraction_of_checkpoint": round(conv_rss / gb, 3),
             "rss_target_gb": round(0.25 * gb + 1, 3),
-            "throughput_fraction_of_raw_read": round((gb / conv_wall) / (gb / raw_read_s), 3),
-            "throughput_fraction_of_raw_copy": round((gb / conv_wall) / (gb / copy_s), 3),
-            "throughput_fraction_of_kernel_copy": round((gb / conv_wall) / (gb / kernel_s), 3),
-            "load": os.getloadavg(),
+            "throughput_fraction_of_raw_read": round(runs.ratio("convert", "raw_read"), 3),
+            "throughput_fraction_of_raw_copy": round(runs.ratio("convert", "raw_copy"), 3),
+            "throughput_fraction_of_kernel_copy": round(runs.ratio("convert", "kernel_copy"), 3),
+            "load": load_average(),
         }
         result["rss_ok"] = conv_rss <= result["rss_target_gb"]
         result["throughput_ok"] = result["throughput_fraction_of_raw_read"] >= 0.5

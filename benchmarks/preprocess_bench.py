@@ -10,10 +10,10 @@ Runs on the same jsonl corpus (field `text`):
 - `hf_tokenizers`: Hugging Face `tokenizers` `encode_batch`, the plain baseline (encode time only);
 - `megatron_lm`: Megatron-LM's `tools/preprocess_data.py` (HuggingFaceTokenizer, --append-eod)
   when `--megatron-lm` points at a checkout; `--megatron-pythonpath` adds folders it needs.
-Peak RSS is sampled from /proc over the whole process tree (main + workers, summed; pages shared
-after fork count once per process, so this overstates physical memory). Besides wall-clock MB/s
-it reports MB per CPU-second (user + system of the whole process tree), which stays comparable
-when other jobs share the cores and the load changes between the runs.
+Peak RSS is that of the whole process tree (main + workers, summed; pages shared after fork
+count once per process, so this overstates physical memory; see `benchmarks/harness.py`). Besides
+wall-clock MB/s it reports MB per CPU-second (user + system of the whole process tree), which
+stays comparable when other jobs share the cores and the load changes between the runs.
 `--make-corpus-mb N` builds the corpus under /tmp from real text on this machine (CPython's
 standard library and /usr/share/doc), documents of random paragraphs, and deletes it after.
 """
@@ -25,21 +25,17 @@ import gzip
 import json
 import os
 import random
-import resource
 import shutil
-import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from qwen_pretrain.benchmarks.harness import compare, load_text, run_child
+from qwen_pretrain.recipes.files import atomic_write_text
+
 TOKENIZER_MODES = ("ours", "gigatoken", "hf_tokenizers", "megatron_lm")
-
-
-def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def real_paragraphs(limit_bytes: int = 48 << 20) -> list[str]:
@@ -77,60 +73,13 @@ def make_corpus(path: Path, megabytes: int, seed: int = 0) -> Path:
     return path
 
 
-class TreeRss:
-    """Samples the summed RSS of a process and its descendants; `peak` in bytes."""
-
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        self.pid, self.interval, self.peak, self._stop = pid, interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        while not self._stop.is_set():
-            children: dict[int, list[int]] = {}
-            rss: dict[int, int] = {}
-            for entry in os.listdir("/proc"):
-                if not entry.isdigit():
-                    continue
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                    fields = stat[stat.rindex(")") + 2:].split()
-                    children.setdefault(int(fields[1]), []).append(int(entry))
-                    rss[int(entry)] = int(fields[21]) * page
-                except (OSError, ValueError, IndexError):
-                    continue
-            total, todo = 0, [self.pid]
-            while todo:
-                p = todo.pop()
-                total += rss.get(p, 0)
-                todo += children.get(p, [])
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.interval)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_command(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
-    cpu_before = _children_cpu()
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    rss = TreeRss(proc.pid)
-    out, _ = proc.communicate()
-    seconds = time.perf_counter() - started
-    peak = rss.stop()
-    if proc.returncode:
-        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{out[-3000:]}")
+    run = run_child(cmd, env=env, cwd=cwd, merge_stderr=True)
+    if not run.ok:
+        raise SystemExit(f"{cmd[0]} failed ({run.exit_code}):\n{run.stdout[-3000:]}")
     # CPU seconds of the whole tree (workers are waited for by their parent, so they count)
-    return {"seconds": seconds, "cpu_seconds": _children_cpu() - cpu_before, "peak_rss_gb": peak / 1e9, "output": out}
+    return {"seconds": run.wall_s, "cpu_seconds": run.cpu_s, "peak_rss_gb": run.peak_rss_bytes / 1e9,
+            "output": run.stdout}
 
 
 def bench_ours(corpus: Path, out_dir: Path, workers: int) -> dict:
@@ -225,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         mb = corpus.stat().st_size / 1e6
         modes = args.only or [m for m in TOKENIZER_MODES if m != "megatron_lm" or args.megatron_lm]
         report: dict = {"corpus": str(corpus), "corpus_mb": round(mb, 1), "workers": args.workers,
-                        "cpus": os.cpu_count(), "load_before": load_average(), "runs": {}}
+                        "cpus": os.cpu_count(), "load_before": load_text(), "runs": {}}
         print(f"corpus {corpus} ({mb:,.1f} MB), workers {args.workers}, load {report['load_before']}", flush=True)
-        for mode in modes:
+
+        def measure(mode: str) -> dict:
             if mode == "ours":
                 r = bench_ours(corpus, work, args.workers)
             elif mode == "megatron_lm":
@@ -239,23 +189,28 @@ def main(argv: list[str] | None = None) -> int:
             r.pop("output", None)
             r["mb_per_s"] = mb / r["seconds"]
             r["mb_per_cpu_s"] = mb / r["cpu_seconds"]
-            r["load_after"] = load_average()
-            report["runs"][mode] = r
+            r["load_after"] = load_text()
+            return r
+
+        def show(mode: str, r: dict) -> None:
             rss = f", peak RSS {r['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in r else ""
             print(f"{mode:<14} {r['seconds']:8.1f} s  {r['mb_per_s']:8.1f} MB/s  {r['cpu_seconds']:8.1f} CPU s  "
                   f"{r['mb_per_cpu_s']:8.1f} MB/CPU-s{rss}  (load {r['load_after']})", flush=True)
-        runs = report["runs"]
+
+        measurements = {mode: (lambda mode=mode: measure(mode)) for mode in modes}
+        comparison = compare(measurements, speed=lambda r: r["mb_per_s"], on_result=show)
+        runs = report["runs"] = comparison.best
         if "ours" in runs and "megatron_lm" in runs:
             report["megatron_check"] = compare_ids(str(work / "ours_text_document"), str(work / "megatron_text_document"))
             print(report["megatron_check"])
         for base in ("gigatoken", "hf_tokenizers", "megatron_lm"):
             if "ours" in runs and base in runs:
-                ratio = runs["ours"]["mb_per_s"] / runs[base]["mb_per_s"]
-                cpu_ratio = runs["ours"]["mb_per_cpu_s"] / runs[base]["mb_per_cpu_s"]
+                ratio = comparison.ratio("ours", base)
+                cpu_ratio = comparison.ratio("ours", base, speed=lambda r: r["mb_per_cpu_s"])
                 report[f"ours_vs_{base}"] = {"wall": ratio, "cpu": cpu_ratio}
                 print(f"ours / {base:<14} {ratio:6.2f}x wall-clock MB/s, {cpu_ratio:6.2f}x MB per CPU-second")
         if args.json:
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+            atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -4,13 +4,16 @@ Each `*_line` function prints one step the way that framework does (field names,
 formats: NeMo's `{:.4}`, Megatron-LM's fixed-width `{:8d}` / `{:.6E}`, nanotron's human format
 with K/M suffixes). `write_run` writes a whole run: a start-up header with the format's markers,
 a slow first step, a loss that falls, a checkpoint-save spike, and noise lines between steps.
+`write_sized_run` writes a log of a given size, all steps or steps spread through noise.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +73,7 @@ def ours_line(s: Step) -> str:
     """Our trainer's line, printed by the trainer's own formatter (`training/train_log.py`)."""
     from qwen_pretrain.training import train_log
 
-    return train_log.nemo_line(train_log.StepRecord(
+    return train_log.nemo_line(train_log.StepMetrics(
         step=s.step, train_steps=s.total, lr=s.lr, global_batch_size=s.global_batch_size, loss=s.loss,
         step_time_s=s.step_time_s, tokens_per_sec_per_gpu=s.tokens_per_sec_per_gpu,
         consumed_samples=s.consumed_samples, val_loss=s.val_loss, tflops_per_gpu=s.tflops_per_gpu,
@@ -165,6 +168,18 @@ NOISE = [
     "[rank3]:[W1017 11:33:02.123456 ProcessGroupNCCL.cpp:4561] [PG ID 0 PG GUID 0 Rank 3] using GPU 3",
 ]
 
+# What big multi-GPU logs are mostly made of: NCCL INFO lines, rank-prefixed warnings, `\r` progress bars.
+BIG_LOG_NOISE = [
+    "node-17:12345:12380 [3] NCCL INFO Channel 07/0 : 3[3] -> 4[4] via P2P/CUMEM/read",
+    "node-17:12345:12380 [3] NCCL INFO Connected all rings, use ring PXN 0 GDR 1",
+    "[rank5]:[W1017 11:33:02.123456 ProcessGroupNCCL.cpp:4561] [PG ID 0 PG GUID 0 Rank 5] using GPU 5 as device",
+    "[NeMo W 2025-10-17 11:33:02 nemo_logging:405] /usr/local/lib/python3.12/dist-packages/lightning/pytorch/"
+    "trainer/connectors/logger_connector/result.py:431: It is recommended to use `self.log(..., sync_dist=True)`",
+    "\rEpoch 0:  53%|\u2588\u2588\u2588\u2588\u2588\u258e    | 528/999 [21:29<19:10, v_num=0, "
+    "reduced_train_loss=3.060, global_step=528.0, consumed_samples=16928.0]",
+    "[default3]:[NeMo I 2025-10-17 11:33:02 utils:661] Setting up optimizer with config OptimizerConfig(lr=0.0003)",
+]
+
 
 def run_steps(n_steps: int, seq_length: int = 4096, global_batch_size: int = 32, gpus: int = 8,
               first: int = 1, total: int | None = None, seed: int = 0,
@@ -194,3 +209,60 @@ def write_run(path: Path, fmt: str, steps: list[Step] | Iterator[Step], noise_ev
             if noise_every and i % noise_every == 0:
                 f.write("\n".join(NOISE) + "\n")
     return path
+
+
+def write_sized_run(path: Path, fmt: str, steps: Iterable[Step], size_bytes: int,
+                    noise: Sequence[str] = (), seed: int = 0) -> int:
+    """Write a log of `fmt` of about `size_bytes` (header included); returns its number of steps.
+
+    Without `noise` every line after the header is a step, and steps are written until the size
+    is reached (so `steps` must not run out first). With `noise`, all `steps` are written, spread
+    evenly through noise lines drawn at random from `noise` that fill the log to its size."""
+    line = LINE_OF_FORMAT[fmt]
+    header = "".join(h + "\n" for h in HEADERS[fmt]).encode()
+    with open(path, "wb") as f:
+        f.write(header)
+        if not noise:
+            return _write_steps_to_size(f, line, steps, size_bytes - len(header))
+        return _write_steps_in_noise(f, line, list(steps), size_bytes - len(header), noise, seed)
+
+
+def _write_steps_to_size(f, line, steps: Iterable[Step], size_bytes: int) -> int:
+    written = count = 0
+    chunk: list[bytes] = []
+    for s in steps:
+        if written >= size_bytes:
+            break
+        encoded = (line(s) + "\n").encode()
+        chunk.append(encoded)
+        written += len(encoded)
+        count += 1
+        if len(chunk) >= 20000:  # few large writes: the benchmark writes logs of gigabytes
+            f.write(b"".join(chunk))
+            chunk.clear()
+    f.write(b"".join(chunk))
+    return count
+
+
+def _write_steps_in_noise(f, line, steps: list[Step], size_bytes: int, noise: Sequence[str],
+                          seed: int) -> int:
+    rng = random.Random(seed)
+    # One block of random noise lines, written in turn from where the last piece ended, whole
+    # lines only; doubled so that a piece may wrap around its end.
+    block = [(rng.choice(noise) + "\n").encode() for _ in range(4000)]
+    block_bytes = len(b"".join(block))
+    doubled = b"".join(block) * 2
+    ends = list(itertools.accumulate(len(b) for b in block + block))
+    written = start = 0
+    for i, s in enumerate(steps):
+        encoded = (line(s) + "\n").encode()
+        f.write(encoded)
+        written += len(encoded)
+        target = size_bytes * (i + 1) // len(steps)
+        while written < target:
+            want = start + min(target - written, block_bytes)
+            end = ends[bisect.bisect_left(ends, want)]
+            f.write(doubled[start:end])
+            written += end - start
+            start = end % block_bytes
+    return len(steps)

@@ -497,7 +497,7 @@ def test_our_trainers_own_formatter_is_parsed_as_ours(tmp_path):
     train_log = pytest.importorskip("qwen_pretrain.training.train_log")
     lines = []
     for step in range(25):
-        rec = train_log.StepRecord(
+        rec = train_log.StepMetrics(
             step=step, train_steps=25, lr=3e-4, global_batch_size=8, loss=11.5 - step * 0.01,
             step_time_s=3.2 + (2.0 if step == 0 else 0.0), tokens_per_sec_per_gpu=150.0 + step,
             consumed_samples=8 * (step + 1), val_loss=11.51 if step >= 10 else None, tflops_per_gpu=0.009,
