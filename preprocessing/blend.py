@@ -184,7 +184,7 @@ def format_blend(result: BlendResult) -> str:
     lines += [
         "",
         "Megatron-LM / megatron-core:",
-        f'  --data-path "{result.megatron_data_path}"',
+        f"  --data-path {result.megatron_data_path}",
         "NeMo 2 (PreTrainingDataModule):",
         f"  paths={json.dumps(result.nemo_paths)}",
     ]

@@ -106,7 +106,7 @@ def test_blend_writes_targets_and_prints_weights(tmp_path, capsys):
     written = [read_indexed_dataset(p).token_count for p in prefixes]
     assert sum(weights) == pytest.approx(1, abs=1e-4)
     assert weights == pytest.approx([w / sum(written) for w in written], rel=1e-4)
-    assert f'--data-path "{blend["megatron_data_path"]}"' in out
+    assert f'--data-path {blend["megatron_data_path"]}\n' in out  # separate words, as train and launch read them
     assert f"paths={json.dumps(blend['nemo_paths'])}" in out
     assert blend["nemo_paths"][1::2] == prefixes
 
