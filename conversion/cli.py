@@ -66,8 +66,9 @@ def _hf_to_mcore(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.format} checkpoint {out} (tp={args.tp} pp={args.pp} ep={args.ep})")
     if args.format == "torch_dist":
-        from qwen_pretrain.conversion.checkpoints import loadable_tps, read_info
+        from qwen_pretrain.conversion.checkpoint_info import read_info
         from qwen_pretrain.recipes.schema import ModelShape
+        from qwen_pretrain.training.checkpoint_dir import loadable_tps
 
         shape = ModelShape(**read_info(out)["shape"])
         rows = shape.padded_vocab_size(args.tp)

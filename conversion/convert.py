@@ -13,19 +13,28 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qwen_pretrain.conversion import checkpoints as ck
 from qwen_pretrain.conversion import hf_io
-from qwen_pretrain.conversion.mapping import (
-    McoreLayout,
-    RankCoord,
-    expected_hf_shapes,
-    hf_tensors_from_mcore,
-    iter_stage_tensors,
+from qwen_pretrain.conversion.checkpoint_info import (
+    CONVERSION_INFO,
+    detect_format,
+    megatron_args,
+    read_info,
+    write_info,
 )
+from qwen_pretrain.conversion.layout import McoreLayout, RankCoord
+from qwen_pretrain.conversion.legacy import LegacyWriter, legacy_layout, legacy_reader
+from qwen_pretrain.conversion.mapping import expected_hf_shapes, hf_tensors_from_mcore, iter_stage_tensors
+from qwen_pretrain.conversion.torch_dist import padded_as, save_torch_dist, torch_dist_reader
 from qwen_pretrain.recipes import get_recipe
 from qwen_pretrain.recipes.errors import UserError
 from qwen_pretrain.recipes.files import atomic_dir
 from qwen_pretrain.recipes.schema import ModelShape
+from qwen_pretrain.training.checkpoint_dir import (
+    TRACKER_FILE,
+    iter_dir_name,
+    read_tracker,
+    torch_dist_padded_vocab,
+)
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
@@ -86,15 +95,15 @@ def hf_to_mcore(
     hf_io.check_tensor_names(reader, check_shapes, shape.tie_embeddings)
     get = _cast(reader.get, dtype)
     stored_dtype = DTYPES[dtype] if dtype else reader.dtype_of("model.embed_tokens.weight")
-    args = ck.megatron_args(shape, layout, stored_dtype)
+    args = megatron_args(shape, layout, stored_dtype)
     with atomic_output_dir(out) as tmp:
-        iter_dir = tmp / ck.iter_dir_name(0)
+        iter_dir = tmp / iter_dir_name(0)
         if fmt == "legacy":
             # Pass 1 on meta tensors (shapes and dtypes only): every check runs and every rank
             # file gets its skeleton before a byte of data is read. Pass 2 reads each HF tensor
             # once and writes its shards in place: memory holds one item, not one stage.
             ranks = layout.ranks()
-            writer = ck.LegacyWriter(iter_dir, layout, iter_stage_tensors(shape, layout, ranks, _cast(reader.meta, dtype)), args)
+            writer = LegacyWriter(iter_dir, layout, iter_stage_tensors(shape, layout, ranks, _cast(reader.meta, dtype)), args)
             bar = _progress(writer.pending, "hf-to-mcore", quiet)
             reader.map_files()  # views of the files: pieces that are plain byte ranges go file to file
             try:
@@ -111,22 +120,22 @@ def hf_to_mcore(
             # The on-disk format is layout independent: convert at TP=1 with the target TP's
             # vocab padding; dist_checkpointing reshards at load.
             # Streamed part by part (a layer at a time), so memory holds one layer, not the model.
-            tp1 = ck.padded_as(shape, layout.tp)
+            tp1 = padded_as(shape, layout.tp)
             one = McoreLayout()
             reader.map_files()  # tensors passed through unchanged are views: no copy in memory
             tensors = ((name, t) for _, name, t in iter_stage_tensors(tp1, one, one.ranks(), get) if t is not None)
             try:
-                ck.save_torch_dist(iter_dir, tp1, tensors, args, part_done=reader.release)
+                save_torch_dist(iter_dir, tp1, tensors, args, part_done=reader.release)
             finally:
                 reader.close()
-        (tmp / ck.TRACKER_FILE).write_text("0\n")
-        ck.write_info(tmp, fmt, shape, layout, recipe_name, stored_dtype)
+        (tmp / TRACKER_FILE).write_text("0\n")
+        write_info(tmp, fmt, shape, layout, recipe_name, stored_dtype)
         hf_io.copy_hf_assets(hf_dir, tmp / "hf")
     return Path(out)
 
 
 def _shape_for_mcore(mcore_dir: Path, recipe: str | None) -> tuple[ModelShape, dict[str, Any] | None]:
-    info = ck.read_info(mcore_dir)
+    info = read_info(mcore_dir)
     if recipe is not None:
         shape = get_recipe(recipe).model
         if info is not None:
@@ -138,21 +147,21 @@ def _shape_for_mcore(mcore_dir: Path, recipe: str | None) -> tuple[ModelShape, d
                     )
         return shape, info
     if info is None:
-        raise UserError(f"{mcore_dir}: no {ck.CONVERSION_INFO}; name the model with --recipe")
+        raise UserError(f"{mcore_dir}: no {CONVERSION_INFO}; name the model with --recipe")
     return ModelShape(**info["shape"]), info
 
 
 def open_mcore(mcore_dir: Path, recipe: str | None) -> tuple[ModelShape, McoreLayout, Callable[[RankCoord, str], Any], str]:
     """(shape, layout to read with, get(rank, name), format) of a megatron-core checkpoint."""
     mcore_dir = Path(mcore_dir)
-    iter_dir = ck.read_tracker(mcore_dir)
-    fmt = ck.detect_format(iter_dir)
+    iter_dir = read_tracker(mcore_dir)
+    fmt = detect_format(iter_dir)
     shape, _ = _shape_for_mcore(mcore_dir, recipe)
     if fmt == "legacy":
-        layout, _ = ck.legacy_layout(iter_dir)
+        layout, _ = legacy_layout(iter_dir)
         layout.validate(shape)
-        return shape, layout, ck.legacy_reader(iter_dir, layout), fmt
-    return shape, McoreLayout(), ck.torch_dist_reader(iter_dir, shape), fmt
+        return shape, layout, legacy_reader(iter_dir, layout), fmt
+    return shape, McoreLayout(), torch_dist_reader(iter_dir, shape), fmt
 
 
 def mcore_to_hf(mcore_dir: Path, out: Path, *, recipe: str | None = None, max_shard_bytes: int = 2 * 1024**3, quiet: bool = False) -> Path:
@@ -227,9 +236,9 @@ def load_mcore_model_tp1(mcore_dir: Path, shape: ModelShape, fmt: str, get: Call
     from qwen_pretrain.training.model import build_tp1_model
     from qwen_pretrain.training.parallel import init_single_process
 
-    iter_dir = ck.read_tracker(mcore_dir)
+    iter_dir = read_tracker(mcore_dir)
     if fmt == "torch_dist":
-        rows, _ = ck.torch_dist_padded_vocab(iter_dir)
+        rows, _ = torch_dist_padded_vocab(iter_dir)
         load_shape = dataclasses.replace(shape, make_vocab_size_divisible_by=rows)
     else:
         load_shape = shape

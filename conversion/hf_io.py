@@ -19,16 +19,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from qwen_pretrain.conversion.families import ARCHITECTURES, ModelFamily, family_named
 from qwen_pretrain.recipes import all_recipes, get_recipe
 from qwen_pretrain.recipes.errors import UserError
 from qwen_pretrain.recipes.schema import ModelShape
 
-# config.json "architectures"[0] -> recipe family
-ARCHITECTURES = {
-    "Qwen3ForCausalLM": "qwen3",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
-}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -67,7 +62,8 @@ def read_config(hf_dir: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid JSON ({err})") from err
 
 
-def family_of(config: dict[str, Any], where: str = "config.json") -> str:
+def family_of(config: dict[str, Any], where: str = "config.json") -> ModelFamily:
+    """The family of config.json's architecture (`families.FAMILIES`)."""
     archs = config.get("architectures") or []
     arch = archs[0] if archs else config.get("model_type", "<none>")
     if arch not in ARCHITECTURES:
@@ -83,9 +79,9 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
     family = family_of(config)
     rope = config.get("rope_parameters") or {}
     heads = config["num_attention_heads"]
-    moe = family == "qwen3_moe"
+    moe = family.moe
     return ModelShape(
-        family=family,
+        family=family.name,
         hf_architecture=config["architectures"][0],
         hidden_size=config["hidden_size"],
         num_layers=config["num_hidden_layers"],
@@ -95,8 +91,8 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
         ffn_hidden_size=config["intermediate_size"],
         vocab_size=config["vocab_size"],
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2",
-        qk_norm=family != "qwen2",
+        qkv_bias=family.qkv_bias,
+        qk_norm=family.qk_norm,
         max_position_embeddings=config.get("max_position_embeddings", 32768),
         rope_theta=float(config.get("rope_theta", rope.get("rope_theta", 1_000_000.0))),
         rms_norm_eps=config.get("rms_norm_eps", 1e-6),
@@ -132,10 +128,6 @@ def resolve_shape(config: dict[str, Any], recipe: str | None) -> tuple[ModelShap
         if _structure(r.model) == _structure(found):
             return r.model, r.name
     return found, None
-
-
-def with_vocab(shape: ModelShape, vocab_size: int) -> ModelShape:
-    return dataclasses.replace(shape, vocab_size=vocab_size)
 
 
 # safetensors dtype names -> torch dtype names
@@ -326,7 +318,7 @@ def hf_config_for(shape: ModelShape) -> dict[str, Any]:
     """A config.json for `shape` (used when the original one was not kept)."""
     cfg: dict[str, Any] = {
         "architectures": [shape.hf_architecture],
-        "model_type": {"qwen3": "qwen3", "qwen2": "qwen2", "qwen3_moe": "qwen3_moe"}[shape.family],
+        "model_type": family_named(shape.family).model_type,
         "hidden_size": shape.hidden_size,
         "num_hidden_layers": shape.num_layers,
         "num_attention_heads": shape.num_attention_heads,

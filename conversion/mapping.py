@@ -1,16 +1,16 @@
-"""The one Hugging Face <-> megatron-core name and layout mapping for every Qwen family.
+"""The engine that applies the families' tables (`conversion/families.py`) at any layout.
 
-One small declarative table per family (`DENSE_LAYER`, `QKV_BIAS_LAYER`, `MOE_LAYER`, ...) pairs
-megatron-core parameter names with Hugging Face names and names the typed transform between
-them; one engine (`mcore_state_dict_from_hf`, `hf_tensors_from_mcore`) applies a table tensor
-by tensor, so a converter never holds more than the tensors of the item it is working on.
+`plan` lists every conversion item of a model (one rule at one layer and expert) in Hugging
+Face order; the transforms shard an item's HF tensors for one (expert) TP rank and merge the
+shards back; `mcore_state_dict_from_hf` / `iter_stage_tensors` and `hf_tensors_from_mcore` run
+the plan tensor by tensor, so a converter never holds more than the tensors of one item.
 
 Usage (the model's shape always comes from the recipe):
 
     from safetensors import safe_open
     from qwen_pretrain.recipes import get_recipe
-    from qwen_pretrain.conversion.mapping import (
-        McoreLayout, mcore_state_dict_from_hf, hf_tensors_from_mcore)
+    from qwen_pretrain.conversion.layout import McoreLayout
+    from qwen_pretrain.conversion.mapping import mcore_state_dict_from_hf, hf_tensors_from_mcore
 
     shape = get_recipe("qwen3_tiny").model
     with safe_open("hf/model.safetensors", "pt") as f:       # lazy: one tensor at a time
@@ -29,11 +29,10 @@ copy of the embedding in the last stage's `output_layer` as megatron-core expect
 expert E -> local index e on EP rank E // (experts / ep)), vocab padding to
 `shape.padded_vocab_size(tp)` (padded rows zero; stripped on the way out), the local layer
 spec (`input_layernorm`, `pre_mlp_layernorm`) and the Transformer Engine spec (norms fused into
-`linear_qkv.layer_norm_weight` / `linear_fc1.layer_norm_weight`), and three expert layouts:
-`sequential` (SequentialMLP, `experts.local_experts.e.linear_fc1.weight`), `te_grouped`
-(TEGroupedMLP, `experts.linear_fc1.weight{e}`) and `legacy_grouped` (GroupedMLP,
-`experts.weight1` = per-expert fc1^T stacked as [hidden, e * 2F], `experts.weight2` =
-per-expert fc2^T stacked as [e * F, hidden]).
+`linear_qkv.layer_norm_weight` / `linear_fc1.layer_norm_weight`), and the three expert layouts
+of `families.EXPERTS`: `sequential` (SequentialMLP, `experts.local_experts.e.linear_fc1.weight`),
+`te_grouped` (TEGroupedMLP, `experts.linear_fc1.weight{e}`) and `legacy_grouped` (GroupedMLP,
+`experts.weight1` / `experts.weight2`).
 
 `_extra_state` entries (None) are emitted where megatron-core 0.16.1's modules have them, so that
 `load_state_dict(strict=True)` accepts the result.
@@ -43,235 +42,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from qwen_pretrain.conversion.families import (
+    COLUMN,
+    EMBEDDING,
+    EXPERTS,
+    FINAL_NORM,
+    GATED,
+    GROUPED_FC1,
+    GROUPED_FC2,
+    HF_LAYER_PREFIX,
+    MCORE_LAYER_PREFIX,
+    OUTPUT_LAYER,
+    QKV,
+    REPLICATED,
+    ROW,
+    TE_EXTRA_STATE_AFTER,
+    TE_RENAMES,
+    TE_UNFUSED_IN_MOE,
+    TIED_OUTPUT_LAYER,
+    VOCAB,
+    Rule,
+    family_named,
+    named_sizes,
+)
+from qwen_pretrain.conversion.layout import ExpertLayout, LayerSpec, McoreLayout, RankCoord
 from qwen_pretrain.recipes.errors import UserError
 from qwen_pretrain.recipes.schema import ModelShape
-
-LayerSpec = Literal["local", "te"]
-ExpertLayout = Literal["sequential", "te_grouped", "legacy_grouped"]
-
-# Transform kinds, named by what they do to the HF tensor(s) on the way in.
-REPLICATED = "replicated"  # same tensor on every TP rank (norms, router)
-COLUMN = "column"  # split dim 0 over TP
-ROW = "row"  # split dim 1 over TP
-QKV = "qkv"  # [q; k; v] interleaved per query group, then split dim 0 over TP (weights and biases)
-GATED = "gated"  # [gate_i; up_i] per TP rank
-VOCAB = "vocab"  # padded to padded_vocab_size(tp) with zero rows, then split dim 0
-GROUPED_FC1 = "grouped_fc1"  # legacy GroupedMLP weight1 from the local experts' gate/up
-GROUPED_FC2 = "grouped_fc2"  # legacy GroupedMLP weight2 from the local experts' down
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One megatron-core parameter and the Hugging Face tensor(s) it is made of.
-
-    Patterns use `{layer}` (global HF layer / local megatron layer) and `{expert}` (global HF
-    expert / local megatron expert); `extra_state` names the module whose `_extra_state`
-    megatron-core stores next to the parameter (None if it has none).
-    """
-
-    mcore: str
-    hf: tuple[str, ...]
-    kind: str
-    extra_state: str | None = None
-    expert_tp: bool = False  # split over expert TP (etp) instead of TP
-
-
-# ---------------------------------------------------------------- the tables (local spec names)
-
-EMBEDDING = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB)
-FINAL_NORM = Rule("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED)
-OUTPUT_LAYER = Rule("output_layer.weight", ("lm_head.weight",), VOCAB, extra_state="output_layer")
-# Tied embeddings under PP: the last stage's output_layer is a copy of the embedding.
-TIED_OUTPUT_LAYER = Rule("output_layer.weight", ("model.embed_tokens.weight",), VOCAB, extra_state="output_layer")
-
-_ATTENTION = (
-    Rule("input_layernorm.weight", ("input_layernorm.weight",), REPLICATED),
-    Rule(
-        "self_attention.linear_qkv.weight",
-        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-        QKV,
-        extra_state="self_attention.linear_qkv",
-    ),
-    Rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), ROW, extra_state="self_attention.linear_proj"),
-    Rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), REPLICATED),
-)
-_QK_NORM = (
-    Rule("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), REPLICATED),
-    Rule("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), REPLICATED),
-)
-_QKV_BIAS = (
-    Rule(
-        "self_attention.linear_qkv.bias",
-        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-        QKV,
-    ),
-)
-_DENSE_MLP = (
-    Rule("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), GATED, extra_state="mlp.linear_fc1"),
-    Rule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), ROW, extra_state="mlp.linear_fc2"),
-)
-_ROUTER = (Rule("mlp.router.weight", ("mlp.gate.weight",), REPLICATED),)
-_EXPERTS = {
-    "sequential": (
-        Rule(
-            "mlp.experts.local_experts.{expert}.linear_fc1.weight",
-            ("mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"),
-            GATED,
-            extra_state="mlp.experts.local_experts.{expert}.linear_fc1",
-            expert_tp=True,
-        ),
-        Rule(
-            "mlp.experts.local_experts.{expert}.linear_fc2.weight",
-            ("mlp.experts.{expert}.down_proj.weight",),
-            ROW,
-            extra_state="mlp.experts.local_experts.{expert}.linear_fc2",
-            expert_tp=True,
-        ),
-    ),
-    "te_grouped": (
-        Rule(
-            "mlp.experts.linear_fc1.weight{expert}",
-            ("mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"),
-            GATED,
-            extra_state="mlp.experts.linear_fc1",
-            expert_tp=True,
-        ),
-        Rule(
-            "mlp.experts.linear_fc2.weight{expert}",
-            ("mlp.experts.{expert}.down_proj.weight",),
-            ROW,
-            extra_state="mlp.experts.linear_fc2",
-            expert_tp=True,
-        ),
-    ),
-    # One tensor holds every local expert: the HF patterns are expanded over local experts.
-    "legacy_grouped": (
-        Rule(
-            "mlp.experts.weight1",
-            ("mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"),
-            GROUPED_FC1,
-            expert_tp=True,
-        ),
-        Rule("mlp.experts.weight2", ("mlp.experts.{expert}.down_proj.weight",), GROUPED_FC2, expert_tp=True),
-    ),
-}
-
-# The three families: Qwen3 dense, Qwen2/2.5 (qkv bias, no qk-norm), Qwen3-MoE.
-FAMILY_LAYER_RULES: dict[str, tuple[Rule, ...]] = {
-    "qwen3": _ATTENTION + _QK_NORM + _DENSE_MLP,
-    "qwen2": _ATTENTION + _QKV_BIAS + _DENSE_MLP,
-    "qwen3_moe": _ATTENTION + _QK_NORM + _ROUTER,  # + _EXPERTS[expert_layout]
-}
-
-# Transformer Engine spec: the norms in front of linear_qkv / linear_fc1 are fused into them.
-# (MoE layers keep pre_mlp_layernorm: the experts' fc1 cannot fuse a norm.)
-TE_RENAMES = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-}
-# TE modules that keep an `_extra_state` without a parameter of their own in the table.
-TE_EXTRA_STATE_MODULES = ("self_attention.core_attention",)
-
-HF_LAYER_PREFIX = "model.layers.{layer}."
-MCORE_LAYER_PREFIX = "decoder.layers.{layer}."
-
-
-# ---------------------------------------------------------------- layout: who holds what
-
-
-@dataclass(frozen=True, order=True)
-class RankCoord:
-    """One model-parallel rank (and virtual-pipeline chunk) of a megatron-core layout."""
-
-    tp_rank: int = 0
-    pp_rank: int = 0
-    ep_rank: int = 0
-    vpp_rank: int = 0
-
-
-@dataclass(frozen=True)
-class McoreLayout:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    vpp: int | None = None
-    etp: int = 1
-    layer_spec: LayerSpec = "local"
-    expert_layout: ExpertLayout = "sequential"
-
-    @property
-    def chunks(self) -> int:
-        return self.vpp or 1
-
-    def ranks(self) -> list[RankCoord]:
-        return [
-            RankCoord(t, p, e, v)
-            for p in range(self.pp)
-            for v in range(self.chunks)
-            for t in range(self.tp)
-            for e in range(self.ep)
-        ]
-
-    def etp_rank(self, tp_rank: int) -> int:
-        return tp_rank if self.etp == self.tp else 0
-
-    def layers_per_chunk(self, shape: ModelShape) -> int:
-        return shape.num_layers // (self.pp * self.chunks)
-
-    def chunk_layers(self, shape: ModelShape, pp_rank: int, vpp_rank: int = 0) -> range:
-        """Global layer indices of one pipeline chunk (megatron-core's default even split)."""
-        n = self.layers_per_chunk(shape)
-        start = (vpp_rank * self.pp + pp_rank) * n
-        return range(start, start + n)
-
-    def stage_of_layer(self, shape: ModelShape, layer: int) -> tuple[int, int, int]:
-        """(pp_rank, vpp_rank, local layer index) holding global layer `layer`."""
-        n = self.layers_per_chunk(shape)
-        chunk, local = divmod(layer, n)
-        vpp_rank, pp_rank = divmod(chunk, self.pp)
-        return pp_rank, vpp_rank, local
-
-    def is_first_chunk(self, pp_rank: int, vpp_rank: int) -> bool:
-        return pp_rank == 0 and vpp_rank == 0
-
-    def is_last_chunk(self, pp_rank: int, vpp_rank: int) -> bool:
-        return pp_rank == self.pp - 1 and vpp_rank == self.chunks - 1
-
-    def local_experts(self, shape: ModelShape) -> int:
-        return (shape.num_experts or 0) // self.ep
-
-    def validate(self, shape: ModelShape) -> None:
-        """One-line UserErrors naming the option that does not fit the model."""
-        if shape.num_attention_heads % self.tp or shape.num_query_groups % self.tp:
-            raise UserError(
-                f"--tp {self.tp} must divide num_attention_heads ({shape.num_attention_heads}) and "
-                f"num_query_groups ({shape.num_query_groups}): choose a divisor of {shape.num_query_groups}"
-            )
-        if shape.ffn_hidden_size % self.tp and not shape.is_moe:
-            raise UserError(f"--tp {self.tp} must divide ffn_hidden_size ({shape.ffn_hidden_size})")
-        if shape.num_layers % (self.pp * self.chunks):
-            raise UserError(
-                f"--pp {self.pp} x --vpp {self.chunks} must divide num_layers ({shape.num_layers})"
-            )
-        if self.vpp is not None and self.pp < 2:
-            raise UserError("--vpp needs --pp of at least 2")
-        if self.ep > 1 and not shape.is_moe:
-            raise UserError(f"--ep {self.ep} needs a mixture-of-experts model; this one is dense")
-        if shape.is_moe:
-            if shape.num_experts % self.ep:
-                raise UserError(f"--ep {self.ep} must divide the number of experts ({shape.num_experts})")
-            if self.etp not in (1, self.tp):
-                raise UserError(f"--etp {self.etp} must be 1 or equal to --tp ({self.tp})")
-            if shape.moe_ffn_hidden_size % self.etp:
-                raise UserError(f"--etp {self.etp} must divide moe_ffn_hidden_size ({shape.moe_ffn_hidden_size})")
-        if self.layer_spec not in ("local", "te"):
-            raise UserError(f"layer spec '{self.layer_spec}' is unknown: choose local or te")
-        if self.expert_layout not in _EXPERTS:
-            raise UserError(f"expert layout '{self.expert_layout}' is unknown: choose one of {', '.join(_EXPERTS)}")
-
 
 # ---------------------------------------------------------------- items: the plan, in HF order
 
@@ -288,9 +87,9 @@ class Item:
 
 
 def layer_rules(shape: ModelShape, layout: McoreLayout) -> tuple[Rule, ...]:
-    rules = FAMILY_LAYER_RULES[shape.family]
+    rules = family_named(shape.family).layer
     if shape.is_moe:
-        rules = rules + _EXPERTS[layout.expert_layout]
+        rules = rules + EXPERTS[layout.expert_layout]
     return rules
 
 
@@ -327,38 +126,12 @@ def plan(shape: ModelShape, layout: McoreLayout) -> list[Item]:
 
 
 def expected_hf_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Hugging Face checkpoint of this shape holds, with its shape."""
-    h, d, f = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
-    q, kv = shape.num_attention_heads * d, shape.num_query_groups * d
-    layer = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q, h),
-        "self_attn.k_proj.weight": (kv, h),
-        "self_attn.v_proj.weight": (kv, h),
-        "self_attn.o_proj.weight": (h, q),
-    }
-    if shape.qk_norm:
-        layer |= {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
-    if shape.qkv_bias:
-        layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
-    if shape.is_moe:
-        mf = shape.moe_ffn_hidden_size
-        layer["mlp.gate.weight"] = (shape.num_experts, h)
-        for e in range(shape.num_experts):
-            layer |= {
-                f"mlp.experts.{e}.gate_proj.weight": (mf, h),
-                f"mlp.experts.{e}.up_proj.weight": (mf, h),
-                f"mlp.experts.{e}.down_proj.weight": (h, mf),
-            }
-    else:
-        layer |= {"mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)}
-    shapes = {"model.embed_tokens.weight": (shape.vocab_size, h)}
-    for i in range(shape.num_layers):
-        shapes |= {HF_LAYER_PREFIX.format(layer=i) + k: v for k, v in layer.items()}
-    shapes["model.norm.weight"] = (h,)
-    if not shape.tie_embeddings:
-        shapes["lm_head.weight"] = (shape.vocab_size, h)
+    """Every tensor a Hugging Face checkpoint of this shape holds, with its shape (from the rules)."""
+    sizes = named_sizes(shape)
+    shapes = {}
+    for item in plan(shape, McoreLayout()):
+        for name, dims in zip(item.hf_names, item.rule.hf_shapes, strict=True):
+            shapes[name] = tuple(sizes[d] for d in dims)
     return shapes
 
 
@@ -473,7 +246,7 @@ def _shard_pieces(
 
 def _mcore_name(rule: Rule, layout: McoreLayout, local_layer: int | None, local_expert: int | None, moe: bool) -> str:
     name = rule.mcore
-    if layout.layer_spec == "te" and name in TE_RENAMES and not (moe and name == "pre_mlp_layernorm.weight"):
+    if layout.layer_spec == "te" and name in TE_RENAMES and not (moe and name in TE_UNFUSED_IN_MOE):
         name = TE_RENAMES[name]
     if local_expert is not None:
         name = name.replace("{expert}", str(local_expert))
@@ -603,8 +376,8 @@ def iter_stage_tensors(
             extra = _extra_state_name(item.rule, local_layer, local_expert)
             if extra is not None:
                 yield rank, extra, None
-            if layout.layer_spec == "te" and item.layer is not None and item.rule is _ATTENTION[1]:
-                for module in TE_EXTRA_STATE_MODULES:
+            if layout.layer_spec == "te" and item.layer is not None:
+                for module in TE_EXTRA_STATE_AFTER.get(item.rule.mcore, ()):
                     yield rank, MCORE_LAYER_PREFIX.format(layer=local_layer) + module + "._extra_state", None
         del tensors, cache
         if item_done is not None:
@@ -613,16 +386,6 @@ def iter_stage_tensors(
         # megatron-core keeps an output_layer module without weight when embeddings are tied.
         for rank in ranks:
             yield rank, "output_layer._extra_state", None
-
-
-def mcore_names(shape: ModelShape, layout: McoreLayout, rank: RankCoord) -> list[str]:
-    """Parameter names (no `_extra_state`) a rank holds, without touching any tensor."""
-    names = []
-    for item in plan(shape, layout):
-        where = _on_rank(shape, layout, item, rank)
-        if where is not None:
-            names.append(_mcore_name(item.rule, layout, where[0], where[1], shape.is_moe))
-    return names
 
 
 # ---------------------------------------------------------------- the inverse: ranks -> HF

@@ -248,24 +248,25 @@ def mcore_scorer(checkpoint: str | Path, recipe_name: str | None = None, tokeniz
     import dataclasses
 
     import torch
-    from qwen_pretrain.conversion import checkpoints as ck
+    from qwen_pretrain.conversion.checkpoint_info import CONVERSION_INFO, read_info
     from qwen_pretrain.conversion.convert import load_mcore_model_tp1, open_mcore
+    from qwen_pretrain.training.checkpoint_dir import read_tracker, torch_dist_padded_vocab
 
     checkpoint = Path(checkpoint)
     tokenizer = str(tokenizer) if tokenizer else mcore_tokenizer(checkpoint)
-    if ck.read_info(checkpoint) is None and recipe_name is None:
-        raise UserError(f"--mcore {checkpoint}: no {ck.CONVERSION_INFO} to tell the model's shape; pass --recipe NAME")
-    shape, layout, get, fmt = open_mcore(checkpoint, recipe_name if ck.read_info(checkpoint) is None else None)
-    if ck.read_info(checkpoint) is None and tokenizer != "qwen":
+    if read_info(checkpoint) is None and recipe_name is None:
+        raise UserError(f"--mcore {checkpoint}: no {CONVERSION_INFO} to tell the model's shape; pass --recipe NAME")
+    shape, layout, get, fmt = open_mcore(checkpoint, recipe_name if read_info(checkpoint) is None else None)
+    if read_info(checkpoint) is None and tokenizer != "qwen":
         from qwen_pretrain.preprocessing.tokenizer_train import recipe_with_tokenizer
         from qwen_pretrain.recipes import get_recipe
 
         shape = dataclasses.replace(shape, vocab_size=recipe_with_tokenizer(get_recipe(recipe_name), tokenizer).model.vocab_size)
     name = f"--mcore {checkpoint}"
     check_vocab_match(name, shape.vocab_size, tokenizer)
-    iter_dir = ck.read_tracker(checkpoint)
+    iter_dir = read_tracker(checkpoint)
     if fmt == "torch_dist":
-        rows, _ = ck.torch_dist_padded_vocab(iter_dir)
+        rows, _ = torch_dist_padded_vocab(iter_dir)
         if not shape.vocab_size <= rows <= -(-shape.vocab_size // 1024) * 1024:
             raise UserError(f"{iter_dir}: the checkpoint has {rows} vocabulary rows but tokenizer {tokenizer} needs "
                             f"{shape.vocab_size}: pass the tokenizer (--tokenizer) and recipe the model was trained with")

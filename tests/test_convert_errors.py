@@ -62,6 +62,39 @@ def test_tp_not_dividing_heads(tmp_path: Path) -> None:
     assert main(["convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "out"), "--tp", "3"]) == 2
 
 
+@pytest.mark.parametrize(
+    "name,sizes,recipe_line,converter_message",
+    [
+        ("qwen3_8b", dict(tp=3),
+         "[tp-divides-heads] TP=3 must divide num_attention_heads=32 and num_query_groups=8; nearest valid TP: 2 or 4",
+         "--tp 3 must divide num_attention_heads=32 and num_query_groups=8; nearest valid TP: 2 or 4"),
+        ("qwen3_8b", dict(pp=5),
+         "[layers-divide-pp-vpp] num_layers=36 is not divisible by PP x VPP = 5 x 1; nearest valid PP: 4 or 6",
+         "num_layers=36 is not divisible by --pp x --vpp = 5 x 1; nearest valid PP: 4 or 6"),
+        ("qwen3_1p7b", dict(vpp=2),
+         "[vpp-needs-pp] VPP=2 needs PP > 1 (interleaved schedule); unset VPP or raise PP",
+         "--vpp 2 needs --pp > 1 (interleaved schedule); unset --vpp or raise --pp"),
+        ("qwen3_30b_a3b", dict(ep=3),
+         "[ep-divides-experts] EP=3 must divide num_experts=128; nearest valid EP: 2 or 4",
+         "--ep 3 must divide num_experts=128; nearest valid EP: 2 or 4"),
+        ("qwen3_8b", dict(ep=2),
+         "[ep-needs-moe] EP=2 needs a mixture-of-experts model; set EP=1",
+         "--ep 2 needs a mixture-of-experts model; set --ep 1"),
+    ],
+)  # fmt: skip
+def test_layout_rules_are_the_recipe_validators(name, sizes, recipe_line, converter_message) -> None:
+    """The converter's layout checks are the recipe validator's rules and messages, each size
+    named by the option that set it."""
+    from qwen_pretrain.conversion.layout import McoreLayout
+    from qwen_pretrain.recipes import override, validate_layout
+
+    recipe = override(get_recipe(name), **sizes, off_benchmark=True)
+    assert recipe_line in validate_layout(recipe)
+    with pytest.raises(UserError) as err:
+        McoreLayout(**sizes).validate(recipe.model)
+    assert str(err.value) == converter_message
+
+
 def test_other_architecture(tmp_path: Path) -> None:
     hf = _hf(tmp_path / "hf")
     cfg = json.loads((hf / "config.json").read_text()) | {"architectures": ["LlamaForCausalLM"]}

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from qwen_pretrain.conversion import checkpoints as ck
 from qwen_pretrain.conversion import hf_io
 from qwen_pretrain.conversion.convert import hf_to_mcore
 from qwen_pretrain.recipes import get_recipe
 from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.training.checkpoint_dir import check_torch_dist_tp, loadable_tps
 
 RECIPE = "qwen3_tiny"  # TP 2 in the recipe: the layout `qwen-pretrain train` uses
 
@@ -30,7 +30,7 @@ RECIPE = "qwen3_tiny"  # TP 2 in the recipe: the layout `qwen-pretrain train` us
 WORKER = """
 import json, sys, torch
 from megatron.core import dist_checkpointing
-from qwen_pretrain.conversion.checkpoints import check_torch_dist_tp
+from qwen_pretrain.training.checkpoint_dir import check_torch_dist_tp
 from qwen_pretrain.training.parallel import build_model_chunks, destroy_parallel, init_parallel
 from qwen_pretrain.recipes import get_recipe
 
@@ -116,11 +116,11 @@ def test_torch_dist_of_another_tp_padding_is_refused_by_name(tmp_path: Path, cap
     (hf / "config.json").write_text(json.dumps(hf_io.hf_config_for(shape)))
     assert main(["convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "tp1"), "--quiet"]) == 0
     assert "151936 rows (vocabulary padded for TP 1): load it with --tp 1\n" in capsys.readouterr().out
-    ck.check_torch_dist_tp(tmp_path / "tp1", shape, 1)
+    check_torch_dist_tp(tmp_path / "tp1", shape, 1)
     with pytest.raises(UserError, match=r"151936 rows .* TP 2 pads it to 152064: convert again with .*--tp 2") as err:
-        ck.check_torch_dist_tp(tmp_path / "tp1", shape, 2)
+        check_torch_dist_tp(tmp_path / "tp1", shape, 2)
     assert "\n" not in str(err.value)
-    assert ck.loadable_tps(shape, 152064)[:2] == [2, 3]
+    assert loadable_tps(shape, 152064)[:2] == [2, 3]
 
 
 def test_train_load_starts_from_converted_weights(tmp_path: Path, port: int) -> None:

@@ -16,8 +16,8 @@ import pytest
 import torch
 from qwen_pretrain.conversion import hf_io
 from qwen_pretrain.conversion.convert import hf_to_mcore, mcore_to_hf, verify
+from qwen_pretrain.conversion.layout import McoreLayout
 from qwen_pretrain.conversion.mapping import (
-    McoreLayout,
     expected_hf_shapes,
     hf_tensors_from_mcore,
     iter_rank_tensors,
@@ -133,6 +133,24 @@ def test_pieces_are_the_shards_bytes(name: str) -> None:
             assert torch.equal(torch.cat([x.reshape(-1) for x in p]), t.reshape(-1)), (n, layout)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_tables_name_what_transformers_saves(tmp_path: Path, name: str) -> None:
+    """Each family's tables (`conversion/families.py`) give the names and shapes of the tensors a
+    `transformers` model saves for the config.json the converter writes, and that config.json
+    reads back to the recipe's structure."""
+    from safetensors import safe_open
+
+    shape = dataclasses.replace(get_recipe(name).model, vocab_size=1000)
+    hf = write_transformers_hf(tmp_path / "hf", shape)
+    with safe_open(str(hf / "model.safetensors"), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if shape.tie_embeddings:
+        saved.pop("lm_head.weight", None)
+    assert saved == expected_hf_shapes(shape)
+    found = hf_io.shape_from_config(hf_io.read_config(hf))
+    assert {f: getattr(found, f) for f in hf_io.STRUCTURAL_FIELDS} == {f: getattr(shape, f) for f in hf_io.STRUCTURAL_FIELDS}
+
+
 @pytest.mark.parametrize(("name", "fmt"), [("qwen3_tiny", "torch_dist"), ("qwen25_tiny", "legacy"), ("qwen3_moe_tiny", "torch_dist")])
 def test_verify_against_transformers(tmp_path: Path, name: str, fmt: str) -> None:
     shape = dataclasses.replace(get_recipe(name).model, vocab_size=2048)  # smaller vocab: faster
@@ -170,11 +188,11 @@ def test_legacy_pieces_go_file_to_file(tmp_path: Path, monkeypatch: pytest.Monke
     """Legacy output: pieces that are byte ranges of the HF files are copied by the kernel (both
     the copy_file_range path and the sendfile fallback used across filesystems); the rest is
     written from memory; the round trip stays bitwise."""
-    from qwen_pretrain.conversion import checkpoints as ck
+    from qwen_pretrain.conversion import legacy
 
     copied = []
-    real = ck.copy_file_bytes
-    monkeypatch.setattr(ck, "copy_file_bytes", lambda *a: (copied.append(a[2]), real(*a)))
+    real = legacy.copy_file_bytes
+    monkeypatch.setattr(legacy, "copy_file_bytes", lambda *a: (copied.append(a[2]), real(*a)))
     monkeypatch.setattr(hf_io, "USE_COPY_FILE_RANGE", kernel_copy)
     shape = get_recipe("qwen3_tiny").model
     hf = write_random_hf(tmp_path / "hf", shape)
@@ -211,8 +229,7 @@ def test_torch_dist_parts_merge_to_what_one_save_writes(tmp_path: Path) -> None:
     values read back by `dist_checkpointing.load`."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from qwen_pretrain.conversion import checkpoints as ck
-    from qwen_pretrain.conversion.mapping import McoreLayout, iter_stage_tensors
+    from qwen_pretrain.conversion.torch_dist import meta_model
     from torch.distributed.checkpoint import FileSystemReader
 
     shape = get_recipe("qwen3_moe_tiny").model  # MoE: expert tensors stacked by layer and by expert
@@ -222,7 +239,7 @@ def test_torch_dist_parts_merge_to_what_one_save_writes(tmp_path: Path) -> None:
     reader = hf_io.HFReader(hf)
     one = McoreLayout()
     state = {n: t for _, n, t in iter_stage_tensors(shape, one, one.ranks(), reader.get) if t is not None}
-    sharded = ck._meta_model(shape).sharded_state_dict()
+    sharded = meta_model(shape).sharded_state_dict()
     for name, entry in sharded.items():
         if isinstance(entry, ShardedTensor | ShardedTensorFactory):
             entry.data = state[name]
@@ -241,7 +258,7 @@ def test_torch_dist_parts_merge_to_what_one_save_writes(tmp_path: Path) -> None:
             assert sorted((tuple(c.offsets), tuple(c.sizes)) for c in ours[key].chunks) == chunks, key
     def empty_model_state() -> dict:
         out = {}
-        for name, entry in ck._meta_model(shape).sharded_state_dict().items():
+        for name, entry in meta_model(shape).sharded_state_dict().items():
             if isinstance(entry, ShardedTensor | ShardedTensorFactory):
                 entry.data = torch.empty(entry.data.shape, dtype=torch.bfloat16)
                 if isinstance(entry, ShardedTensor):
@@ -264,17 +281,17 @@ def test_torch_dist_regions_cross_chunks(tmp_path: Path) -> None:
     at TP=2 stores a column-parallel weight (two row blocks), and says which region is missing."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from qwen_pretrain.conversion import checkpoints as ck
+    from qwen_pretrain.conversion.torch_dist import TorchDistChunks, meta_model
     from qwen_pretrain.recipes.errors import UserError
 
-    ck._meta_model(get_recipe("qwen3_tiny").model)  # one-process parallel state, as the converter runs
+    meta_model(get_recipe("qwen3_tiny").model)  # one-process parallel state, as the converter runs
     w = torch.arange(6 * 4 * 5, dtype=torch.float32).reshape(6, 4, 5)
     state = {  # both TP halves of "w" held by this one process: a complete grid
         "half0": ShardedTensor.from_rank_offsets("w", w[:, :2].clone(), (1, 0, 2)),
         "half1": ShardedTensor.from_rank_offsets("w", w[:, 2:].clone(), (1, 1, 2)),
     }
     dist_checkpointing.save(state, str(tmp_path))
-    chunks = ck.TorchDistChunks(tmp_path)
+    chunks = TorchDistChunks(tmp_path)
     assert len(chunks.tensors["w"].chunks) == 2
     assert torch.equal(chunks.read("w", (0, 0, 0), (6, 4, 5)), w)
     assert torch.equal(chunks.read("w", (2, 1, 1), (3, 2, 3)), w[2:5, 1:3, 1:4])  # across the seam
@@ -311,14 +328,15 @@ def test_streamed_safetensors_shards_read_back(tmp_path: Path, announce_names: b
 def test_legacy_reader_release_keeps_values(tmp_path: Path) -> None:
     """Dropping a rank file's mapped pages (MADV_DONTNEED) loses nothing: a tensor read again
     after `release()` has the same values (its pages come back from the file)."""
-    from qwen_pretrain.conversion import checkpoints as ck
-    from qwen_pretrain.conversion.mapping import RankCoord
+    from qwen_pretrain.conversion.layout import RankCoord
+    from qwen_pretrain.conversion.legacy import legacy_layout, legacy_reader
+    from qwen_pretrain.training.checkpoint_dir import read_tracker
 
     shape = get_recipe("qwen3_tiny").model
     hf_to_mcore(write_random_hf(tmp_path / "hf", shape), tmp_path / "mcore", fmt="legacy", quiet=True)
-    iter_dir = ck.read_tracker(tmp_path / "mcore")
-    layout, _ = ck.legacy_layout(iter_dir)
-    files = ck.legacy_reader(iter_dir, layout)
+    iter_dir = read_tracker(tmp_path / "mcore")
+    layout, _ = legacy_layout(iter_dir)
+    files = legacy_reader(iter_dir, layout)
     rank = RankCoord()
     names = ["embedding.word_embeddings.weight", "decoder.layers.0.mlp.linear_fc1.weight"]
     before = {n: files(rank, n).clone() for n in names}

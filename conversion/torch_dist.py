@@ -1,337 +1,33 @@
-"""Megatron checkpoint formats: legacy per-rank files and torch_dist (`dist_checkpointing`).
+"""The torch_dist checkpoint (`dist_checkpointing`): written part by part, read chunk by chunk.
 
-Legacy, as Megatron-LM's `get_checkpoint_name` names it (megatron/training/checkpointing.py):
-
-    <dir>/latest_checkpointed_iteration.txt              "0"
-    <dir>/iter_0000000/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt
-        {"model": state_dict} ("model0", "model1", ... with virtual pipeline stages),
-        "checkpoint_version": 3.0, "iteration": 0, "args": argparse.Namespace(...)
-
-`_PPP` appears when PP > 1, `_EEE` when EP > 1. Megatron-LM / MindSpeed-LLM load it with
-`--load <dir> --no-load-optim --no-load-rng` (or `--finetune`) and `--ckpt-format torch`.
-
-torch_dist: `<dir>/iter_0000000/` written by `dist_checkpointing.save` from the sharded state dict
+`<dir>/iter_0000000/` as `dist_checkpointing.save` writes it from the sharded state dict
 {"model": GPTModel.sharded_state_dict(), "args", "checkpoint_version", "iteration"}, as
-Megatron-LM writes it; it is layout independent and resharded at load (the embedding's global
-shape is `padded_vocab_size(tp)` of the converted TP, so a loading run must pad the vocabulary the
-same way).
-
-Both carry `conversion.json` (shape, layout, format) and `hf/` (the original config.json and
-tokenizer files) so that `mcore-to-hf` needs no options.
+Megatron-LM writes it: `*.distcp` data files, `.metadata` (every global tensor's chunks and where
+their bytes are), `metadata.json`, `common.pt`. It is layout independent and resharded at load;
+only the embedding's global shape is fixed: `padded_vocab_size(tp)` of the converted TP, so a
+loading run must pad the vocabulary the same way (`training.checkpoint_dir.check_torch_dist_tp`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import io
-import json
 import math
-import mmap
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from qwen_pretrain.conversion.hf_io import copy_file_bytes
-from qwen_pretrain.conversion.mapping import McoreLayout, RankCoord
+from qwen_pretrain.conversion.checkpoint_info import CHECKPOINT_VERSION
+from qwen_pretrain.conversion.layout import RankCoord
 from qwen_pretrain.recipes.errors import UserError
 from qwen_pretrain.recipes.schema import ModelShape
-from qwen_pretrain.training.checkpoint_dir import (  # noqa: F401  (the converters' names for them)
-    TRACKER_FILE,
-    check_torch_dist_tp,
-    iter_dir_name,
-    loadable_tps,
-    read_tracker,
-    torch_dist_padded_vocab,
-)
-
-CHECKPOINT_VERSION = 3.0
-CONVERSION_INFO = "conversion.json"
+from qwen_pretrain.training.checkpoint_dir import torch_dist_padded_vocab
 
 
-def legacy_rank_dir(layout: McoreLayout, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
-    """Megatron-LM's `get_checkpoint_name` directory for one (TP, PP, EP) rank."""
-    name = f"mp_rank_{tp_rank:02d}"
-    if layout.pp > 1:
-        name += f"_{pp_rank:03d}"
-    if layout.ep > 1:
-        name += f"_{ep_rank:03d}"
-    return name
-
-
-def megatron_args(shape: ModelShape, layout: McoreLayout, dtype: str) -> argparse.Namespace:
-    """The `args` Megatron-LM's loader reads back (check_checkpoint_args and friends)."""
-    return argparse.Namespace(
-        num_layers=shape.num_layers,
-        hidden_size=shape.hidden_size,
-        ffn_hidden_size=shape.ffn_hidden_size,
-        num_attention_heads=shape.num_attention_heads,
-        group_query_attention=shape.num_query_groups != shape.num_attention_heads,
-        num_query_groups=shape.num_query_groups,
-        kv_channels=shape.head_dim,
-        max_position_embeddings=shape.max_position_embeddings,
-        position_embedding_type="rope",
-        add_position_embedding=False,
-        rotary_base=int(shape.rope_theta),
-        normalization="RMSNorm",
-        norm_epsilon=shape.rms_norm_eps,
-        swiglu=True,
-        add_bias_linear=False,
-        add_qkv_bias=shape.qkv_bias,
-        qk_layernorm=shape.qk_norm,
-        untie_embeddings_and_output_weights=not shape.tie_embeddings,
-        make_vocab_size_divisible_by=shape.make_vocab_size_divisible_by,
-        padded_vocab_size=shape.padded_vocab_size(layout.tp),
-        tokenizer_type="HuggingFaceTokenizer",
-        num_experts=shape.num_experts,
-        moe_ffn_hidden_size=shape.moe_ffn_hidden_size,
-        moe_router_topk=shape.moe_router_topk,
-        moe_grouped_gemm=layout.expert_layout != "sequential",
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16",
-        ckpt_format="torch",
-        iteration=0,
-        consumed_train_samples=0,
-        consumed_valid_samples=0,
-    )
-
-
-def write_info(out: Path, fmt: str, shape: ModelShape, layout: McoreLayout, recipe: str | None, dtype: str) -> None:
-    info = {
-        "format": fmt,
-        "recipe": recipe,
-        "dtype": dtype,
-        "shape": dataclasses.asdict(shape),
-        "layout": dataclasses.asdict(layout),
-        "iteration": 0,
-    }
-    (out / CONVERSION_INFO).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def read_info(mcore_dir: Path) -> dict[str, Any] | None:
-    path = Path(mcore_dir) / CONVERSION_INFO
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def detect_format(iter_dir: Path) -> str:
-    if (iter_dir / "metadata.json").is_file() or (iter_dir / ".metadata").is_file():
-        return "torch_dist"
-    if any(iter_dir.glob("mp_rank_*/model_optim_rng.pt")):
-        return "legacy"
-    raise UserError(f"{iter_dir}: neither a torch_dist nor a legacy (mp_rank_*) checkpoint")
-
-
-# ---------------------------------------------------------------- legacy
-
-
-class LegacyWriter:
-    """Legacy rank files written tensor by tensor, so memory holds one tensor, not one stage.
-
-    Two passes over the same plan. `__init__` takes every (rank, name, tensor-or-None) with
-    meta-device tensors (shapes and dtypes only) and writes each rank file with `torch.save`
-    under `torch.serialization.skip_data`: the pickle and zip headers are complete and each
-    tensor's bytes are a sparse hole at a known record offset. `write` then puts the bytes of
-    one tensor at its offset. The files load with any `torch.load` (the data records' CRC-32
-    fields are 0, which torch does not check; `unzip -t` would complain).
-    """
-
-    def __init__(
-        self,
-        iter_dir: Path,
-        layout: McoreLayout,
-        planned: Iterator[tuple[RankCoord, str, Any]],
-        args: argparse.Namespace,
-    ) -> None:
-        import torch
-
-        files: dict[tuple[int, int, int], dict[str, dict[str, Any]]] = {}
-        for rank, name, meta in planned:
-            key = (rank.tp_rank, rank.pp_rank, rank.ep_rank)
-            model_key = "model" if layout.vpp is None else f"model{rank.vpp_rank}"
-            files.setdefault(key, {}).setdefault(model_key, {})[name] = meta
-        self._where: dict[tuple[tuple[int, int, int], str, str], tuple[Path, int, int]] = {}
-        for key, metas in sorted(files.items()):
-            rank_dir = iter_dir / legacy_rank_dir(layout, *key)
-            rank_dir.mkdir(parents=True, exist_ok=True)
-            path = rank_dir / "model_optim_rng.pt"
-            # Uninitialised CPU tensors stand in for the data: skip_data never reads them, and
-            # memory never touched is address space only (it does not count in RSS).
-            models = {
-                mk: {n: None if m is None else torch.empty(m.shape, dtype=m.dtype) for n, m in state.items()}
-                for mk, state in metas.items()
-            }
-            payload = {**models, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "args": args}
-            with torch.serialization.skip_data():
-                torch.save(payload, path)
-            del payload, models
-            self._locate(path, key, metas)
-        self._fds: dict[Path, int] = {}
-
-    def _locate(self, path: Path, key: tuple[int, int, int], models: dict[str, dict[str, Any]]) -> None:
-        """`models`: the meta tensors (or None) of the file, in the order they were saved."""
-        # torch.save numbers storages in pickling order
-        import zipfile
-
-        import torch
-
-        reader = torch._C.PyTorchFileReader(str(path))
-        with zipfile.ZipFile(path) as z:
-            sizes = {i.filename.split("/", 1)[1]: i.file_size for i in z.infolist()}
-        index = 0
-        for model_key, state in models.items():
-            for name, fake in state.items():
-                if fake is None:
-                    continue
-                record = f"data/{index}"
-                nbytes = fake.numel() * fake.element_size()
-                if sizes.get(record) != nbytes:
-                    raise RuntimeError(f"internal: {path} record {record} is not '{name}' ({sizes.get(record)} != {nbytes} bytes)")
-                self._where[(key, model_key, name)] = (path, reader.get_record_offset(record), nbytes)
-                index += 1
-
-    def write(self, rank: RankCoord, name: str, pieces: list[Any], vpp: bool,
-              locate: Callable[[Any], tuple[int, int] | None] | None = None) -> None:
-        """Put one tensor in place, given as contiguous pieces whose bytes follow each other.
-
-        A piece that `locate` finds in a source file (fd, offset) is copied file to file by the
-        kernel (`copy_file_bytes`): its bytes never pass through this process. Others are written
-        from memory.
-        """
-        import torch
-
-        key = (rank.tp_rank, rank.pp_rank, rank.ep_rank)
-        path, offset, nbytes = self._where.pop((key, f"model{rank.vpp_rank}" if vpp else "model", name))
-        pieces = [p for p in pieces if p.numel()]
-        total = sum(p.numel() * p.element_size() for p in pieces)
-        if total != nbytes:
-            raise RuntimeError(f"internal: '{name}' has {total} bytes, its record {nbytes}")
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_WRONLY)
-        fd = self._fds[path]
-        for piece in pieces:
-            size = piece.numel() * piece.element_size()
-            where = locate(piece) if locate is not None else None
-            if where is not None:
-                copy_file_bytes(where[0], fd, size, where[1], offset)
-            else:
-                view = memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy())
-                done = 0
-                while done < size:  # one pwrite moves at most ~2 GB on Linux: loop
-                    done += os.pwrite(fd, view[done:], offset + done)
-            offset += size
-
-    @property
-    def pending(self) -> int:
-        """Tensors planned and not written yet."""
-        return len(self._where)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def check_complete(self) -> None:
-        if self._where:
-            (key, _, name), _ = next(iter(self._where.items()))
-            raise RuntimeError(f"internal: tensor '{name}' of rank {key} was planned but never written")
-
-
-def legacy_layout(iter_dir: Path) -> tuple[McoreLayout, argparse.Namespace]:
-    """The layout a legacy checkpoint was written with, from its `args` and directory names."""
-    import torch
-
-    files = sorted(iter_dir.glob("mp_rank_*/model_optim_rng.pt"))
-    if not files:
-        raise UserError(f"{iter_dir}: no mp_rank_*/model_optim_rng.pt files")
-    first = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
-    args = first.get("args")
-    if args is None:
-        raise UserError(f"{files[0]}: has no 'args'; cannot tell its TP/PP/EP layout")
-    expert_layout = "sequential"
-    model = first.get("model") or first.get("model0") or {}
-    if any(k.endswith("mlp.experts.weight1") for k in model):
-        expert_layout = "legacy_grouped"
-    elif any(re.search(r"mlp\.experts\.linear_fc1\.weight\d+$", k) for k in model):
-        expert_layout = "te_grouped"
-    layer_spec = "te" if any(k.endswith("layer_norm_weight") for k in model) else "local"
-    layout = McoreLayout(
-        tp=args.tensor_model_parallel_size,
-        pp=args.pipeline_model_parallel_size,
-        ep=getattr(args, "expert_model_parallel_size", 1) or 1,
-        vpp=getattr(args, "virtual_pipeline_model_parallel_size", None),
-        etp=getattr(args, "expert_tensor_parallel_size", 1) or 1,
-        layer_spec=layer_spec,
-        expert_layout=expert_layout,
-    )
-    return layout, args
-
-
-class LegacyRankFiles:
-    """get(rank, name) over memory-mapped rank files (pages are read on demand); `release()`
-    drops the pages of every tensor got so far from RSS (they are re-read if used again)."""
-
-    def __init__(self, iter_dir: Path, layout: McoreLayout) -> None:
-        self.iter_dir, self.layout = iter_dir, layout
-        self.loaded: dict[tuple[int, int, int], dict[str, Any]] = {}
-        self.touched: list[tuple[int, int]] = []  # (address, bytes) of tensors handed out
-
-    def __call__(self, rank: RankCoord, name: str) -> Any:
-        import torch
-
-        key = (rank.tp_rank, rank.pp_rank, rank.ep_rank)
-        if key not in self.loaded:
-            path = self.iter_dir / legacy_rank_dir(self.layout, *key) / "model_optim_rng.pt"
-            if not path.is_file():
-                raise UserError(f"{path}: missing; the checkpoint's rank files are incomplete")
-            self.loaded[key] = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        model_key = "model" if self.layout.vpp is None else f"model{rank.vpp_rank}"
-        state = self.loaded[key][model_key]
-        if name not in state:
-            raise UserError(f"{self.iter_dir / legacy_rank_dir(self.layout, *key)}: tensor '{name}' is missing")
-        t = state[name]
-        self.touched.append((t.data_ptr(), t.numel() * t.element_size()))
-        return t
-
-    def release(self) -> None:
-        """MADV_DONTNEED over the handed-out tensors' pages (torch maps the files privately and
-        read-only use never dirties them, so nothing is lost)."""
-        import ctypes
-
-        libc = _libc()
-        page = mmap.PAGESIZE
-        for address, nbytes in self.touched:
-            first = address - address % page
-            last = address + nbytes
-            last = last - last % page  # only whole pages of this tensor: a neighbour may share the edges
-            if last > first:
-                libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
-        self.touched.clear()
-
-
-@functools.cache
-def _libc() -> Any:
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def legacy_reader(iter_dir: Path, layout: McoreLayout) -> LegacyRankFiles:
-    """get(rank, name) over the memory-mapped rank files of a legacy checkpoint."""
-    return LegacyRankFiles(iter_dir, layout)
-
-
-# ---------------------------------------------------------------- torch_dist
-
-
-def _meta_model(shape: ModelShape) -> Any:
+def meta_model(shape: ModelShape) -> Any:
     """A TP=1 GPTModel on the meta device: its sharded state dict names every global tensor."""
     from megatron.core import parallel_state as ps
     from qwen_pretrain.training.model import build_tp1_model
@@ -340,6 +36,9 @@ def _meta_model(shape: ModelShape) -> Any:
     if not ps.model_parallel_is_initialized():
         init_single_process()
     return build_tp1_model(shape, meta=True)
+
+
+# ---------------------------------------------------------------- write
 
 
 def padded_as(shape: ModelShape, tp: int) -> ModelShape:
@@ -375,7 +74,7 @@ def save_torch_dist(
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
 
-    model = _meta_model(shape)
+    model = meta_model(shape)
     plan, objects = {}, {}  # tensors to fill in; the rest (`_extra_state` objects) as they are
     for name, entry in model.sharded_state_dict().items():
         if isinstance(entry, ShardedTensor | ShardedTensorFactory):
@@ -527,6 +226,9 @@ def _merge_torch_dist_parts(iter_dir: Path, parts: list[TorchDistPart]) -> None:
     os.rename(tmp, iter_dir / ".metadata")
 
 
+# ---------------------------------------------------------------- read
+
+
 class _FileWindow(io.RawIOBase):
     """`length` bytes of an open file from `start`, as a file of their own (for torch.load)."""
 
@@ -636,7 +338,7 @@ def torch_dist_reader(iter_dir: Path, shape: ModelShape) -> Callable[[RankCoord,
         raise UserError(f"{iter_dir}: embedding has {rows} rows, fewer than the vocabulary ({shape.vocab_size})")
     # a divisor of `rows` itself pads the vocabulary to exactly the stored rows at TP=1
     load_shape = dataclasses.replace(shape, make_vocab_size_divisible_by=rows)
-    sharded = _meta_model(load_shape).sharded_state_dict()
+    sharded = meta_model(load_shape).sharded_state_dict()
     chunks = TorchDistChunks(iter_dir)
 
     def load(x: Any) -> Any:
