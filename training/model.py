@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 from qwen_pretrain.recipes.schema import ModelShape, Parallelism, Recipe, Training
+from qwen_pretrain.training.parallel import megatron_parallel_sizes
 
 
 def transformer_engine_available() -> bool:
@@ -81,12 +82,7 @@ def transformer_config(recipe: Recipe) -> Any:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
-        tensor_model_parallel_size=p.tp,
-        pipeline_model_parallel_size=p.pp,
-        virtual_pipeline_model_parallel_size=p.vpp,
-        context_parallel_size=p.cp,
-        expert_model_parallel_size=p.ep,
-        expert_tensor_parallel_size=p.etp,
+        **megatron_parallel_sizes(p),
         sequence_parallel=p.sequence_parallel,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,

@@ -24,7 +24,7 @@ import random
 import socket
 from typing import Any
 
-from qwen_pretrain.recipes.schema import Recipe
+from qwen_pretrain.recipes.schema import Parallelism, Recipe
 
 
 def free_port() -> int:
@@ -73,7 +73,14 @@ def init_parallel(recipe: Recipe, *, seed: int | None = None) -> None:
         )
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
+    ps.initialize_model_parallel(**megatron_parallel_sizes(p))
+    seed_everything(recipe.training.seed if seed is None else seed)
+
+
+def megatron_parallel_sizes(p: Parallelism) -> dict[str, int | None]:
+    """The layout's sizes under the keyword names megatron-core's parallel state and
+    `TransformerConfig` both use."""
+    return dict(
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp,
@@ -81,7 +88,6 @@ def init_parallel(recipe: Recipe, *, seed: int | None = None) -> None:
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.etp,
     )
-    seed_everything(recipe.training.seed if seed is None else seed)
 
 
 def seed_everything(seed: int) -> None:
