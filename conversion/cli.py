@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qwen_pretrain.recipes.cli_args import positive_int
+
 VERIFY_TOLERANCE = 1e-5
 
 
@@ -16,11 +18,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     to_mcore.add_argument("--hf", type=Path, required=True, help="Hugging Face model directory")
     to_mcore.add_argument("--out", type=Path, required=True, help="new checkpoint directory (must not exist)")
     to_mcore.add_argument("--recipe", help="recipe of the model (default: matched from config.json)")
-    to_mcore.add_argument("--tp", type=int, default=1)
-    to_mcore.add_argument("--pp", type=int, default=1)
-    to_mcore.add_argument("--ep", type=int, default=1)
-    to_mcore.add_argument("--etp", type=int, default=1, help="expert tensor parallel: 1 or --tp")
-    to_mcore.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per PP rank")
+    to_mcore.add_argument("--tp", type=positive_int, default=1)
+    to_mcore.add_argument("--pp", type=positive_int, default=1)
+    to_mcore.add_argument("--ep", type=positive_int, default=1)
+    to_mcore.add_argument("--etp", type=positive_int, default=1, help="expert tensor parallel: 1 or --tp")
+    to_mcore.add_argument("--vpp", type=positive_int, default=None, help="virtual pipeline stages per PP rank")
     to_mcore.add_argument("--format", choices=("torch_dist", "legacy"), default="torch_dist")
     to_mcore.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="cast (default: keep)")
     to_mcore.add_argument("--layer-spec", choices=("local", "te"), default="local", help="legacy format names")

@@ -122,3 +122,11 @@ def test_unknown_shape_builds_from_config(tmp_path: Path) -> None:
     real = _hf(tmp_path / "real", shape=get_recipe("qwen25_tiny").model)
     assert hf_io.resolve_shape(json.loads((real / "config.json").read_text()), None)[1] == "qwen25_tiny"
     assert load_file(str(real / "model.safetensors"))  # sanity: the helper wrote a readable file
+
+
+@pytest.mark.parametrize("option", ["--tp", "--pp", "--ep", "--etp", "--vpp"])
+def test_zero_parallel_size_is_refused_by_the_parser(tmp_path, option, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", "hf-to-mcore", "--hf", str(tmp_path), "--out", str(tmp_path / "out"), option, "0"])
+    assert exc.value.code == 2
+    assert f"argument {option}: must be a positive integer, got 0" in capsys.readouterr().err
