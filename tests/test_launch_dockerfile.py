@@ -85,6 +85,8 @@ def test_stack_versions_guarded_and_no_cache_left(repo_root):
     text = " ".join(runs)
     assert "> /tmp/pinned-stack.txt" in runs[0]  # recorded before anything is installed
     assert "diff /tmp/pinned-stack.txt -" in runs[-1]  # and compared after the last install
+    # and the image's megatron-core checked against the supported releases, failing in one line
+    assert "python -m qwen_pretrain.training.mcore_compat" in runs[-1]
     if "apt-get install" in text:
         assert "rm -rf /var/lib/apt/lists" in text
     ignored = (repo_root / ".dockerignore").read_text().split()

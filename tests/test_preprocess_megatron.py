@@ -47,7 +47,7 @@ def test_indexed_dataset_reads_our_files(dataset):
 def test_gpt_dataset_via_blended_builder(dataset):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    from qwen_pretrain.preprocessing.megatron_tokenizer import megatron_tokenizer
+    from qwen_pretrain.training.megatron_tokenizer import megatron_tokenizer
 
     prefix, _ = dataset
     seq = 128

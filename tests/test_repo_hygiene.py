@@ -7,6 +7,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ALLOWED_TOP_LEVEL = {
     "recipes", "preprocessing", "training", "conversion", "evaluation", "benchmarks", "launch",
     "tests", "Dockerfile", "README.md", "CONTRIBUTING.md", "pyproject.toml", ".ci", "docs",
@@ -68,3 +70,33 @@ def test_runs_from_a_checkout_without_installing(repo_root: Path, tmp_path: Path
     paths = eval(done.stdout.split("PKG ", 1)[1].splitlines()[0])  # the printed list
     assert paths and all(p == str(tmp_path / "qwen_pretrain") for p in paths), paths
     assert "TP=8 PP=4 VPP=5" in done.stdout
+
+
+def test_package_compiles_under_python_312(repo_root: Path, tmp_path: Path) -> None:
+    """The NGC images run Python 3.12: nothing in the package may need 3.11 to compile."""
+    python312 = _python312()
+    if python312 is None:
+        pytest.skip("no working python3.12 (PATH or pyenv)")
+    packages = ["recipes", "preprocessing", "training", "conversion", "evaluation", "benchmarks", "launch"]
+    done = subprocess.run(
+        [python312, "-m", "compileall", "-q", *packages],
+        cwd=repo_root, capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPYCACHEPREFIX": str(tmp_path)},  # no .pyc in the tree
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _python312() -> str | None:
+    """A python3.12 that runs: from PATH, else a pyenv install (pyenv's shim only answers for the
+    selected version)."""
+    import os
+    import shutil
+
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates = [shutil.which("python3.12"), *sorted(map(str, pyenv_root.glob("versions/3.12*/bin/python3.12")))]
+    for candidate in filter(None, candidates):
+        probe = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == "(3, 12)":
+            return candidate
+    return None

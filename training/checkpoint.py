@@ -24,6 +24,7 @@ from typing import Any
 
 from qwen_pretrain.recipes.errors import UserError
 from qwen_pretrain.recipes.files import atomic_write_text
+from qwen_pretrain.training import mcore_compat
 from qwen_pretrain.training.checkpoint_dir import (
     TRACKER_FILE,
     check_torch_dist_tp,
@@ -31,11 +32,6 @@ from qwen_pretrain.training.checkpoint_dir import (
     latest_iteration,
 )
 from qwen_pretrain.training.cpu_support import init_torch_adam_state, untie_torch_adam_steps
-
-# The distributed optimizer's state in the canonical per-parameter layout, so that a checkpoint
-# loads under another TP/PP/DP layout (megatron-core 0.16 no longer writes the older
-# "fully_sharded_model_space" form).
-CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False}
 
 
 @dataclass
@@ -75,20 +71,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _sharded_state_dict(
-    models: list[Any], optimizer: Any, scheduler: Any, state: TrainState, *, is_loading: bool
+    models: list[Any], optimizer: Any, scheduler: Any, state: TrainState, *, is_loading: bool,
+    sharding_type: str,
 ) -> dict[str, Any]:
+    """`sharding_type`: the distributed optimizer's checkpoint format (see `mcore_compat`)."""
     import torch.distributed as dist
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    metadata = {"distrib_optim_sharding_type": sharding_type, "singleton_local_shards": False}
     sd: dict[str, Any] = {}
-    model_sd: dict[str, Any] = {}
     for i, model in enumerate(models):
         key = "model" if len(models) == 1 else f"model{i}"
-        sd[key] = model.sharded_state_dict(metadata=CKPT_METADATA)
-        model_sd.update(sd[key])
-    sd["optimizer"] = optimizer.sharded_state_dict(
-        model_sd, is_loading=is_loading, metadata=CKPT_METADATA
-    )
+        sd[key] = model.sharded_state_dict(metadata=metadata)
+    # The optimizer walks the model tensors of every chunk. Kept nested per chunk (as Megatron-LM
+    # passes them): VPP chunks use the same local key names, so one flat dict would lose all but
+    # the last chunk's parameters, which the model-space format needs to find.
+    model_sd = {key: sd[key] for key in sd}
+    sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+    # Which release wrote it, for a clear refusal where another release cannot read it.
+    sd["megatron_core_version"] = mcore_compat.version()
     sd["opt_param_scheduler"] = scheduler.state_dict()
     sd["train_state"] = {
         "iteration": state.iteration,
@@ -118,7 +119,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    sd = _sharded_state_dict(models, optimizer, scheduler, state, is_loading=False)
+    sd = _sharded_state_dict(models, optimizer, scheduler, state, is_loading=False,
+                             sharding_type=mcore_compat.optimizer_sharding_type(optimizer))
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
@@ -165,8 +167,10 @@ def load_checkpoint(
     if "train_state" not in common:
         _load_weights_only(path, models, optimizer)
         return TrainState()
+    sharding_type = _saved_sharding_type(path, common)
     init_torch_adam_state(optimizer)
-    sd = _sharded_state_dict(models, optimizer, scheduler, TrainState(), is_loading=True)
+    sd = _sharded_state_dict(models, optimizer, scheduler, TrainState(), is_loading=True,
+                             sharding_type=sharding_type)
     if int(common.get("world_size", -1)) != dist.get_world_size():
         del sd["rng_state"]
     loaded = dist_checkpointing.load(sd, str(path))
@@ -183,6 +187,19 @@ def load_checkpoint(
         _set_rng_state(loaded["rng_state"])
     ts = loaded["train_state"]
     return TrainState(int(ts["iteration"]), int(ts["consumed_samples"]), ts.get("val_loss"))
+
+
+def _saved_sharding_type(path: Path, common: dict[str, Any]) -> str:
+    """The optimizer format the checkpoint was written in; refused in one line where this
+    megatron-core release cannot read it."""
+    saved = (common.get("optimizer") or {}).get("param_state_sharding_type", mcore_compat.MODEL_SPACE)
+    if not mcore_compat.can_read_sharding_type(saved):
+        writer = common.get("megatron_core_version", "another release")
+        raise UserError(
+            f"--load {path}: its optimizer state is in megatron-core {writer}'s '{saved}' format, which "
+            f"megatron-core {mcore_compat.version()} cannot read: resume under megatron-core {writer}"
+        )
+    return saved
 
 
 def _load_weights_only(path: Path, models: list[Any], optimizer: Any) -> None:

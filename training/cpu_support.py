@@ -248,6 +248,7 @@ def _patch_megatron() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
     _write_checkpoints_in_process()
+    _load_model_space_state_without_step()
 
     # The RNG tracker warns when the CPU generator moves inside a CUDA RNG fork; here the two
     # are the same generator, so the warning fires on every dropout-free layer init and says
@@ -271,6 +272,7 @@ def _write_checkpoints_in_process() -> None:
     import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies.base import AsyncSaveShardedStrategy
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
     def write_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):
@@ -294,8 +296,46 @@ def _write_checkpoints_in_process() -> None:
     # process that re-imports the caller's __main__, which hangs unguarded scripts).
     filesystem_async._results_queue = queue.Queue()
 
+    def save_in_process(self: Any, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
+        self.async_save(sharded_state_dict, checkpoint_dir).execute_sync()
+
+    # A synchronous save runs its request in this process (megatron-core 0.16 does so itself;
+    # 0.14 hands it to a forked caller process, where the in-process results above would be lost).
+    AsyncSaveShardedStrategy.save = save_in_process
+
 
 # --- 7: loading optimizer state into torch's AdamW (no Apex/TE) ------------------------------
+
+
+def _load_model_space_state_without_step() -> None:
+    """Load model-space optimizer checkpoints into torch's AdamW, whose state holds `step`.
+
+    The model-space format (`fully_sharded_model_space`, the format megatron-core 0.14 writes)
+    leaves torch's per-parameter `step` out of the tensors it restores, yet
+    `_set_main_param_and_optimizer_states` copies into every key of the parameter's state, so
+    `step` (created by `init_torch_adam_state`) has no source. Copy the keys that were saved;
+    `untie_torch_adam_steps` restores `step` from the param groups afterwards.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    original = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_saved_states(self: Any, model_param: Any, tensors: dict[str, Any]) -> None:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        if "step" in state and "step" not in tensors:
+            step = state.pop("step")
+            try:
+                original(self, model_param, tensors)
+            finally:
+                state["step"] = step
+        else:
+            original(self, model_param, tensors)
+
+    distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = set_saved_states
 
 
 def init_torch_adam_state(optimizer: Any) -> None:

@@ -38,8 +38,10 @@ def init_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
     """torch.distributed from torchrun's environment (or a world of one); returns (rank, world)."""
     import torch
     import torch.distributed as dist
+    from qwen_pretrain.training import mcore_compat
     from qwen_pretrain.training.cpu_support import enable_cpu_support
 
+    mcore_compat.install_numpy_aliases()
     enable_cpu_support()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -1,4 +1,8 @@
-"""The Qwen tokenizer as megatron-core's datasets expect it (`GPTDatasetConfig.tokenizer`)."""
+"""The Qwen tokenizer as megatron-core's datasets expect it (`GPTDatasetConfig.tokenizer`).
+
+megatron-core names the abstract class `MegatronLegacyTokenizer` since 0.15 and
+`MegatronTokenizer` in 0.14; `mcore_compat.legacy_tokenizer_base` finds whichever is there.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ from typing import Any
 
 
 def megatron_tokenizer(tokenizer: str | Path = "qwen", backend: str = "auto") -> Any:
-    """A `MegatronLegacyTokenizer` over our loader: `eod` is `<|endoftext|>` (151643), not `<|im_end|>`."""
+    """megatron-core's abstract tokenizer over our loader: `eod` is `<|endoftext|>` (151643), not
+    `<|im_end|>`."""
     import numpy as np
-    from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
     from qwen_pretrain.preprocessing.tokenizer import load_tokenizer
+    from qwen_pretrain.training.mcore_compat import legacy_tokenizer_base
 
-    class QwenMegatronTokenizer(MegatronLegacyTokenizer):
+    class QwenMegatronTokenizer(legacy_tokenizer_base()):
         def __init__(self) -> None:
             self._tok = load_tokenizer(tokenizer, backend=backend)
             super().__init__(str(self._tok.path))
