@@ -7,9 +7,14 @@ global batch, micro batch, sequence length, the parallel layout, steps, validati
 log cadence, the data (NeMo's MockDataModule to reproduce the baseline, or PreTrainingDataModule
 on our preprocessed .bin/.idx prefixes) and `TimingCallback(log_tokens_per_sec=True)` so that
 `tokens_per_sec_per_gpu` is printed. Optimizer and LR schedule stay NeMo's recipe defaults, as in
-the baseline. The seed: NeMo 2.7.3 seeds model-parallel RNGs with 1234 whatever the recipe says
-(`nemo.lightning._strategy_lib.init_parallel_ranks`) and the data module takes ours, so a seed
-other than 1234 is refused for this backend.
+the baseline. The seed: NeMo 2 (2.5.3 and 2.7.3 alike) seeds model-parallel RNGs with 1234 whatever
+the recipe says (`nemo.lightning._strategy_lib.init_parallel_ranks`) and the data module takes ours,
+so a seed other than 1234 is refused for this backend.
+
+The script runs in NeMo 2.5 (the NGC nemo:25.09 image) and 2.7: every name it uses is the same in
+both. What another NeMo may lack, it checks for by feature, not by version, and stops with one line
+saying what to do: `nemo.collections.llm` itself (gone in NeMo 3), the model's recipe (NeMo added
+its Qwen3 recipes in 2.4) and TimingCallback's `log_tokens_per_sec` option.
 
 `--dump-json PATH` builds the recipe object, writes every field we set as read back from it, and
 exits: the NeMo check (tests/test_launch_nemo_env.py) runs exactly this script.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 from qwen_pretrain.launch.nemo_run import ExecutorOptions, cli_source, executor_source
 from qwen_pretrain.launch.render_megatron import LOG_INTERVAL, DataSpec
+from qwen_pretrain.launch.slurm import DEFAULT_IMAGE
 from qwen_pretrain.recipes import Recipe, UserError
 
 NEMO_FIXED_SEED = 1234
@@ -83,6 +89,7 @@ _BODY = '''
 MODEL = {model!r}
 SETTINGS = {settings!r}
 DATA = {data!r}
+WHAT_TO_DO = "use NeMo 2.5 to 2.7 ({image} has 2.5) or `qwen-pretrain launch --backend mcore`"
 
 
 def _get(obj, dotted):
@@ -103,11 +110,50 @@ def _tokenizer(default):
     return run.Config(AutoTokenizer, pretrained_model_name=DATA["tokenizer_dir"])
 
 
+def _nemo_release():
+    try:
+        import nemo
+    except ImportError:
+        return "(not installed)"
+    return getattr(nemo, "__version__", "(unknown version)")
+
+
+def _nemo_llm():
+    """nemo.collections.llm, or one line on why it cannot be imported (NeMo 3 no longer has it)."""
+    try:
+        from nemo.collections import llm
+    except ImportError as error:
+        sys.exit(f"error: NeMo {{_nemo_release()}}: cannot import nemo.collections.llm ({{error}}); {{WHAT_TO_DO}}")
+    return llm
+
+
+def _recipe_module(llm):
+    """llm.<MODEL>, or one line on why this NeMo lacks it."""
+    module = getattr(llm, MODEL, None)
+    if module is not None:
+        return module
+    import importlib.util
+    if importlib.util.find_spec("nemo.collections.llm.recipes." + MODEL) is not None:
+        why = "its recipes failed to import (NeMo's warning above says why)"
+    else:
+        why = "NeMo added its Qwen3 recipes in 2.4"
+    sys.exit(f"error: NeMo {{_nemo_release()}} has no recipe llm.{{MODEL}} ({{why}}); {{WHAT_TO_DO}}")
+
+
+def _timing_callback(TimingCallback):
+    """The acceptance procedure's callback: timing with tokens/s, which the benchmark parser reads."""
+    import inspect
+    if "log_tokens_per_sec" not in inspect.signature(TimingCallback).parameters:
+        sys.exit(f"error: NeMo {{_nemo_release()}}'s TimingCallback has no log_tokens_per_sec option, so "
+                 f"tokens_per_sec_per_gpu would not be logged; {{WHAT_TO_DO}}")
+    return run.Config(TimingCallback, log_tokens_per_sec=True)
+
+
 def build_recipe(job_dir):
-    from nemo.collections import llm
+    llm = _nemo_llm()
     from nemo.utils.exp_manager import TimingCallback
 
-    recipe = getattr(llm, MODEL).pretrain_recipe(
+    recipe = _recipe_module(llm).pretrain_recipe(
         name=MODEL + "_pretraining", dir=job_dir,
         num_nodes=SETTINGS["trainer.num_nodes"], num_gpus_per_node=SETTINGS["trainer.devices"],
     )
@@ -125,8 +171,7 @@ def build_recipe(job_dir):
     if strategy.pipeline_model_parallel_size > 1 and strategy.pipeline_dtype is None:
         import torch
         strategy.pipeline_dtype = torch.bfloat16
-    # The acceptance procedure's callbacks: timing with tokens/s, which the benchmark parser reads.
-    recipe.trainer.callbacks = [run.Config(TimingCallback, log_tokens_per_sec=True)]
+    recipe.trainer.callbacks = [_timing_callback(TimingCallback)]
     return recipe
 
 
@@ -186,5 +231,5 @@ def render_nemo_script(
         "import nemo_run as run",
         "",
     ]
-    body = _BODY.format(model=model, settings=settings, data=nemo_data(recipe, data))
+    body = _BODY.format(model=model, settings=settings, data=nemo_data(recipe, data), image=DEFAULT_IMAGE)
     return "\n".join(header) + executor_source(opts) + body + cli_source(opts.kind, f"{model}_pretraining")

@@ -1,12 +1,16 @@
-"""The NeMo 2 check (slow stage): in a separate environment with nemo_toolkit 2.7.3 and
-nemo-run 0.11.1 (`.ci/nemo-env`), every NeMo-backed recipe's rendered script builds NeMo's real
-`llm.<model>.pretrain_recipe` object, and every field we set reads back as our recipe's value.
-The expected values are written out here from the recipe, independently of the renderer's
-mapping. nemo-run's LocalExecutor then dry-runs one script (the torchrun command it would run).
-CPU only: the recipe objects are built, not trained (that needs GPUs and Transformer Engine)."""
+"""The NeMo 2 check (slow stage), once per NeMo release we support, each in its own environment
+built by `.ci/nemo-env`: nemo_toolkit 2.7.3 (`.venv-nemo`, the newest NeMo 2) and 2.5.3
+(`.venv-nemo-2.5`, the generation of the NGC nemo:25.09 image), both with nemo-run 0.11.1. Every
+NeMo-backed recipe's rendered script builds NeMo's real `llm.<model>.pretrain_recipe` object, and
+every field we set reads back as our recipe's value. The expected values are written out here from
+the recipe, independently of the renderer's mapping. nemo-run's LocalExecutor then dry-runs one
+script (the torchrun command it would run), and a recipe NeMo lacks stops with one line.
+CPU only: the recipe objects are built, not trained (that needs GPUs and Transformer Engine).
+A release whose environment is missing is skipped with the command that builds it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,18 +24,37 @@ from qwen_pretrain.launch.render_megatron import DataSpec
 from qwen_pretrain.launch.render_nemo import render_nemo_script
 from qwen_pretrain.recipes import Recipe, all_recipes, get_recipe
 
-# Building the NeMo venv (~4 min) is part of the first test's fixture: allow 40 minutes.
+# An environment whose pins changed is rebuilt (~4 min) by the first test's fixture: allow 40 minutes.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 NEMO_RECIPES = [r.name for r in all_recipes() if r.nemo_recipe]
+# NeMo release -> the environment `bash .ci/nemo-env RELEASE` builds for it.
+NEMO_ENVS = {"2.7.3": ".venv-nemo", "2.5.3": ".venv-nemo-2.5"}
+
+
+@pytest.fixture(scope="module", params=list(NEMO_ENVS))
+def nemo_release(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def nemo_python(repo_root) -> Path:
-    proc = subprocess.run(["bash", str(repo_root / ".ci" / "nemo-env")], capture_output=True, text=True,
-                          timeout=1500)
+def nemo_python(repo_root, nemo_release) -> Path:
+    python = repo_root / NEMO_ENVS[nemo_release] / "bin" / "python"
+    if not python.exists():
+        reason = (f"NeMo {nemo_release}: {NEMO_ENVS[nemo_release]} is missing; "
+                  f"build it with `bash .ci/nemo-env {nemo_release}`")
+        print(reason)
+        pytest.skip(reason)
+    # Brings the environment up to date with the script's pins; instant when its stamp matches.
+    proc = subprocess.run(["bash", str(repo_root / ".ci" / "nemo-env"), nemo_release], capture_output=True,
+                          text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return repo_root / ".venv-nemo" / "bin" / "python"
+    installed = subprocess.run(
+        [str(python), "-c", "from importlib.metadata import version; print(version('nemo_toolkit'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert installed == nemo_release
+    return python
 
 
 def expected_fields(recipe: Recipe, nodes: int, per_node: int) -> dict[str, object]:
@@ -58,17 +81,26 @@ def expected_fields(recipe: Recipe, nodes: int, per_node: int) -> dict[str, obje
     }
 
 
-def build(nemo_python: Path, tmp: Path, recipe: Recipe, data: DataSpec) -> tuple[dict, int, int]:
+def layout(recipe: Recipe) -> tuple[int, int]:
+    """(nodes, GPUs per node) for the recipe's GPU count, 8 GPUs a node."""
     per_node = min(8, recipe.gpus)
-    nodes = recipe.gpus // per_node
+    return recipe.gpus // per_node, per_node
+
+
+def dump_json(nemo_python: Path, tmp: Path, recipe: Recipe, data: DataSpec) -> subprocess.CompletedProcess:
+    """Renders the recipe's NeMo script and runs it with `--dump-json TMP/<recipe>.json`."""
+    nodes, per_node = layout(recipe)
     opts = ExecutorOptions(kind="direct", nodes=nodes, procs_per_node=per_node, use_gpus=True, job_dir=str(tmp))
     script = tmp / f"nemo_pretrain_{recipe.name}.py"
     script.write_text(render_nemo_script(recipe, data, opts))
-    out = tmp / f"{recipe.name}.json"
-    proc = subprocess.run([str(nemo_python), str(script), "--dump-json", str(out)], capture_output=True,
-                          text=True, cwd=tmp, timeout=600)
+    return subprocess.run([str(nemo_python), str(script), "--dump-json", str(tmp / f"{recipe.name}.json")],
+                          capture_output=True, text=True, cwd=tmp, timeout=600)
+
+
+def build(nemo_python: Path, tmp: Path, recipe: Recipe, data: DataSpec) -> tuple[dict, int, int]:
+    proc = dump_json(nemo_python, tmp, recipe, data)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text()), nodes, per_node
+    return json.loads((tmp / f"{recipe.name}.json").read_text()), *layout(recipe)
 
 
 def test_every_nemo_recipe_object_carries_our_values(nemo_python, tmp_path):
@@ -114,3 +146,14 @@ def test_nemo_run_local_executor_dry_run(nemo_python, repo_root, tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     flat = re.sub(r"\s+", "", run.stdout + run.stderr)
     assert "'--nproc-per-node','8'" in flat  # nemo-run's torchrun launcher, 8 processes
+
+
+def test_a_recipe_nemo_lacks_stops_with_one_line(nemo_python, nemo_release, tmp_path):
+    """A model this NeMo has no recipe for (as Qwen3 before NeMo 2.4): one line naming the release."""
+    recipe = dataclasses.replace(get_recipe("qwen3_8b"), name="qwen9_8b", nemo_recipe="qwen9_8b")
+    proc = dump_json(nemo_python, tmp_path, recipe, DataSpec(mock=True))
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: NeMo {nemo_release} has no recipe llm.qwen9_8b ("), last
+    assert "nvcr.io/nvidia/nemo:25.09" in last and "--backend mcore" in last

@@ -1,7 +1,8 @@
 """`qwen-pretrain launch --dry-run` for every backend x launcher x acceptance recipe, the
 renderers behind it, and the refusals. Nothing here needs Slurm, NeMo or a GPU: the dry run
 prints what would run and these tests read it back (shell syntax with `bash -n`, Python with
-`compile`, Megatron-LM flags against the parser of a named release)."""
+`compile`, Megatron-LM flags against the parser of a named release). The NeMo script's own checks
+for what a NeMo release lacks run against small stand-in `nemo` packages."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import ast
 import importlib.util
 import shlex
 import subprocess
+import sys
 
 import pytest
 from qwen_pretrain.launch.cli import main
@@ -245,3 +247,60 @@ def test_container_mounts_for_data_and_source(capsys, monkeypatch, tmp_path):
     assert "/scratch:/scratch" in mounts and "/data/c4:/data/c4" in mounts
     assert any(m.endswith(":/opt/qwen-pretrain-src/qwen_pretrain") for m in mounts)
     assert "export PYTHONPATH=/opt/qwen-pretrain-src" in sbatch and "--container-image=my/img:1" in sbatch
+
+
+# Stand-ins for what an older or newer NeMo lacks, so that the rendered script's own checks run
+# here without NeMo: case -> (the release the stand-in claims to be, {file under a PYTHONPATH
+# folder: source}, how the one line must start).
+_NEMO_RUN_STUB = {"nemo_run/__init__.py": "class Config:\n    def __init__(self, fn, **kwargs):\n        pass\n"}
+_NEMO_2_STUB = {
+    "nemo/collections/__init__.py": "",
+    "nemo/utils/__init__.py": "",
+    "nemo/utils/exp_manager.py": "class TimingCallback:\n    def __init__(self, log_tokens_per_sec=False):\n"
+                                 "        pass\n",
+}
+_QWEN3_8B_STUB = {  # a recipe object with just the attributes the script sets
+    "nemo/collections/llm/__init__.py": "from . import qwen3_8b\n",
+    "nemo/collections/llm/qwen3_8b.py": "from types import SimpleNamespace as NS\n\n\ndef pretrain_recipe(**kwargs):\n"
+    "    return NS(data=NS(tokenizer=None), trainer=NS(strategy=NS(pipeline_dtype=None), callbacks=[]))\n",
+}
+NEMO_LACKS = {
+    "no nemo.collections.llm (NeMo 3)": (
+        "3.0.0", {"nemo/collections/__init__.py": ""},
+        "error: NeMo 3.0.0: cannot import nemo.collections.llm (cannot import name 'llm' from"),
+    "no Qwen3 recipe (NeMo 2.3)": (
+        "2.3.0", {**_NEMO_2_STUB, "nemo/collections/llm/__init__.py": "",
+                  "nemo/collections/llm/recipes/__init__.py": ""},
+        "error: NeMo 2.3.0 has no recipe llm.qwen3_8b (NeMo added its Qwen3 recipes in 2.4)"),
+    "recipes failed to import": (  # NeMo only warns, e.g. when a module they import is broken
+        "2.5.3", {**_NEMO_2_STUB, "nemo/collections/llm/__init__.py": "",
+                  "nemo/collections/llm/recipes/__init__.py": "", "nemo/collections/llm/recipes/qwen3_8b.py": ""},
+        "error: NeMo 2.5.3 has no recipe llm.qwen3_8b (its recipes failed to import (NeMo's warning above"),
+    "no log_tokens_per_sec": (
+        "2.0.0", {**_NEMO_2_STUB, **_QWEN3_8B_STUB,
+                  "nemo/utils/exp_manager.py": "class TimingCallback:\n    def __init__(self, timer_kwargs=None):\n"
+                                               "        pass\n"},
+        "error: NeMo 2.0.0's TimingCallback has no log_tokens_per_sec option"),
+}
+
+
+@pytest.mark.parametrize("case", list(NEMO_LACKS))
+def test_nemo_script_stops_in_one_line_where_nemo_lacks_a_feature(tmp_path, case):
+    """Feature checks, not version checks: what is missing is named with the release and what to do."""
+    from qwen_pretrain.launch.nemo_run import ExecutorOptions
+    from qwen_pretrain.launch.render_nemo import render_nemo_script
+
+    release, files, message = NEMO_LACKS[case]
+    for rel, text in {**_NEMO_RUN_STUB, "nemo/__init__.py": f"__version__ = {release!r}\n", **files}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    opts = ExecutorOptions(kind="direct", nodes=1, procs_per_node=8, use_gpus=True, job_dir=str(tmp_path))
+    script = tmp_path / "nemo_pretrain_qwen3_8b.py"
+    script.write_text(render_nemo_script(get_recipe("qwen3_8b"), DataSpec(mock=True), opts))
+    proc = subprocess.run([sys.executable, str(script), "--dump-json", str(tmp_path / "out.json")],
+                          capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
+    assert proc.stderr.rstrip().endswith(f"use NeMo 2.5 to 2.7 ({DEFAULT_IMAGE} has 2.5) or "
+                                         "`qwen-pretrain launch --backend mcore`")
+    assert not (tmp_path / "out.json").exists()
