@@ -1,4 +1,5 @@
-"""`qwen-pretrain bench parse|accept|report|compare`: training logs to acceptance verdicts.
+"""`qwen-pretrain bench parse|accept|report|compare`: training logs to acceptance verdicts;
+`bench gpu-check`: a prepared check of one GPU node (benchmarks/gpu_check.py).
 
 Exit codes: 0 ok / passed, 1 failed (accept), 2 unusable log or bad input.
 """
@@ -79,9 +80,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("gpu-check", help="one GPU node, about 10 min: versions, our trainer vs transformers, "
+                       "conversion logits", description="Train qwen3_0p6b with the GPU run settings and with plain "
+                       "transformers + torch.compile on this GPU, convert a random-weight model and compare "
+                       "logits in the TE-spec trainer model (benchmarks/gpu_check.py).")
+    p.add_argument("--out", default="gpu_check", metavar="DIR", help="results and logs (default gpu_check/)")
+    p.add_argument("--steps", type=positive_int, default=30, help="training steps of each side (default 30)")
+    p.add_argument("--no-te", action="store_true", help="this GPU host has no Transformer Engine (local spec)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit, on any machine")
+    p.set_defaults(func=cmd_gpu_check)
+
     from qwen_pretrain.evaluation.cli import add_bench_generate  # generation speed (eval area)
 
     add_bench_generate(sub)
+
+
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    from qwen_pretrain.benchmarks.gpu_check import cmd_gpu_check as run
+
+    return run(args)
 
 
 def _parse_kwargs(args: argparse.Namespace) -> dict:

@@ -22,7 +22,13 @@ from qwen_pretrain.conversion.checkpoint_info import (
     write_info,
 )
 from qwen_pretrain.conversion.layout import McoreLayout, RankCoord
-from qwen_pretrain.conversion.legacy import LegacyWriter, legacy_layout, legacy_reader
+from qwen_pretrain.conversion.legacy import (
+    LEGACY_TARGETS,
+    LegacyWriter,
+    legacy_layout,
+    legacy_reader,
+    mindspeed_layout,
+)
 from qwen_pretrain.conversion.mapping import expected_hf_shapes, hf_tensors_from_mcore, iter_stage_tensors
 from qwen_pretrain.conversion.torch_dist import padded_as, save_torch_dist, torch_dist_reader
 from qwen_pretrain.recipes import get_recipe
@@ -79,6 +85,7 @@ def hf_to_mcore(
     layer_spec: str = "local",
     expert_layout: str = "sequential",
     quiet: bool = False,
+    target: str = "megatron",
 ) -> Path:
     """Convert a Hugging Face checkpoint into a megatron-core checkpoint at `out`."""
     hf_dir = Path(hf_dir)
@@ -86,6 +93,11 @@ def hf_to_mcore(
     shape, recipe_name = hf_io.resolve_shape(config, recipe)
     layout = McoreLayout(tp, pp, ep, vpp, etp, layer_spec, expert_layout)  # type: ignore[arg-type]
     layout.validate(shape)
+    if target == "mindspeed" and (fmt, (layer_spec, expert_layout)) != ("legacy", mindspeed_layout(shape)):
+        spec, experts = mindspeed_layout(shape)
+        raise UserError(f"--target mindspeed: MindSpeed-LLM loads {shape.family} as --format legacy, "
+                        f"--layer-spec {spec}, --expert-layout {experts}")
+    legacy_target = LEGACY_TARGETS[target]
     if fmt not in ("torch_dist", "legacy"):
         raise UserError(f"--format {fmt}: choose torch_dist or legacy")
     if fmt == "torch_dist" and (layer_spec, expert_layout) != ("local", "sequential"):
@@ -96,14 +108,16 @@ def hf_to_mcore(
     get = _cast(reader.get, dtype)
     stored_dtype = DTYPES[dtype] if dtype else reader.dtype_of("model.embed_tokens.weight")
     args = megatron_args(shape, layout, stored_dtype)
+    args.iteration, args.tokenizer_type = legacy_target.iteration, legacy_target.tokenizer_type
     with atomic_output_dir(out) as tmp:
-        iter_dir = tmp / iter_dir_name(0)
+        iter_dir = tmp / iter_dir_name(legacy_target.iteration)
         if fmt == "legacy":
             # Pass 1 on meta tensors (shapes and dtypes only): every check runs and every rank
             # file gets its skeleton before a byte of data is read. Pass 2 reads each HF tensor
             # once and writes its shards in place: memory holds one item, not one stage.
             ranks = layout.ranks()
-            writer = LegacyWriter(iter_dir, layout, iter_stage_tensors(shape, layout, ranks, _cast(reader.meta, dtype)), args)
+            writer = LegacyWriter(iter_dir, layout, iter_stage_tensors(shape, layout, ranks, _cast(reader.meta, dtype)), args,
+                                  iteration=legacy_target.iteration)
             bar = _progress(writer.pending, "hf-to-mcore", quiet)
             reader.map_files()  # views of the files: pieces that are plain byte ranges go file to file
             try:
@@ -128,7 +142,7 @@ def hf_to_mcore(
                 save_torch_dist(iter_dir, tp1, tensors, args, part_done=reader.release)
             finally:
                 reader.close()
-        (tmp / TRACKER_FILE).write_text("0\n")
+        (tmp / TRACKER_FILE).write_text(f"{legacy_target.iteration}\n")
         write_info(tmp, fmt, shape, layout, recipe_name, stored_dtype)
         hf_io.copy_hf_assets(hf_dir, tmp / "hf")
     return Path(out)
@@ -229,8 +243,12 @@ def _prompt_ids(hf_dir: Path, vocab: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(12)] for _ in PROMPTS]
 
 
-def load_mcore_model_tp1(mcore_dir: Path, shape: ModelShape, fmt: str, get: Callable[[RankCoord, str], Any], layout: McoreLayout) -> Any:
-    """The checkpoint in a TP=1 megatron-core GPTModel (fp32, CPU), built by the trainer's builder."""
+def load_mcore_model_tp1(
+    mcore_dir: Path, shape: ModelShape, fmt: str, get: Callable[[RankCoord, str], Any], layout: McoreLayout,
+    device: str = "cpu",
+) -> Any:
+    """The checkpoint in a TP=1 megatron-core GPTModel (local spec, fp32) on `device`, built by the
+    trainer's builder: the same model on every host, whatever it has installed."""
     from megatron.core import dist_checkpointing
     from qwen_pretrain.conversion.mapping import mcore_state_dict_from_hf
     from qwen_pretrain.training.model import build_tp1_model
@@ -242,8 +260,8 @@ def load_mcore_model_tp1(mcore_dir: Path, shape: ModelShape, fmt: str, get: Call
         load_shape = dataclasses.replace(shape, make_vocab_size_divisible_by=rows)
     else:
         load_shape = shape
-    init_single_process()
-    model = build_tp1_model(load_shape).eval()
+    init_single_process(device=device)
+    model = build_tp1_model(load_shape, device=device).eval()
     if fmt == "torch_dist":
         # the real loader: dist_checkpointing reshards whatever TP/PP/EP was saved to TP=1
         sharded = model.sharded_state_dict()
@@ -251,25 +269,27 @@ def load_mcore_model_tp1(mcore_dir: Path, shape: ModelShape, fmt: str, get: Call
         model.load_state_dict({k: v.float() if hasattr(v, "float") else v for k, v in loaded.items()})
     else:
         hf = dict(hf_tensors_from_mcore(shape, get, layout))
+        # the local spec's names: the model above is always the local spec
         state = mcore_state_dict_from_hf(shape, lambda n: hf[n].float())
         model.load_state_dict(state)
     return model.float()
 
 
-def verify(hf_dir: Path, mcore_dir: Path, *, recipe: str | None = None) -> VerifyResult:
-    """Logits of the HF model (transformers) and the megatron-core model on a few prompts, fp32."""
+def verify(hf_dir: Path, mcore_dir: Path, *, recipe: str | None = None, device: str = "cpu") -> VerifyResult:
+    """Logits of the HF model (transformers) and the megatron-core model (local spec) on a few
+    prompts, fp32, both on `device` with their inputs."""
     import torch
     import transformers
 
     shape, layout, get, fmt = open_mcore(Path(mcore_dir), recipe)
-    model = load_mcore_model_tp1(Path(mcore_dir), shape, fmt, get, layout)
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    model = load_mcore_model_tp1(Path(mcore_dir), shape, fmt, get, layout, device=device)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).to(device).eval()
     max_diff, agree, total = 0.0, 0, 0
     with torch.no_grad():
         for ids in _prompt_ids(Path(hf_dir), shape.vocab_size):
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=device)
             ref = hf_model(x).logits[0]
-            pos = torch.arange(len(ids)).unsqueeze(0)
+            pos = torch.arange(len(ids), device=device).unsqueeze(0)
             out = model(x, pos, None)[0, :, : shape.vocab_size]
             max_diff = max(max_diff, (ref - out).abs().max().item())
             agree += int((ref.argmax(-1) == out.argmax(-1)).sum())

@@ -8,8 +8,17 @@ As Megatron-LM's `get_checkpoint_name` names it (megatron/training/checkpointing
         "checkpoint_version": 3.0, "iteration": 0, "args": argparse.Namespace(...)
 
 `_PPP` appears when PP > 1, `_EEE` when EP > 1. Megatron-LM / MindSpeed-LLM load it with
-`--load <dir> --no-load-optim --no-load-rng` (or `--finetune`) and `--ckpt-format torch`. The
-state dicts' names depend on the layer spec and expert layout (`conversion/mapping.py`).
+`--load <dir> --no-load-optim --no-load-rng` (or `--finetune`); their loader tells the format
+from the files. The state dicts' names depend on the layer spec and expert layout
+(`conversion/mapping.py`).
+
+Targets (`convert hf-to-mcore --target`): what the loading program needs beyond that layout.
+`megatron` (Megatron-LM core_v0.16) is the layout above at iteration 0. `mindspeed` is what
+MindSpeed-LLM 2.3.0's own converter writes (`convert_ckpt.py` -> mindspeed_llm/tasks/checkpoint/
+saver.py, which builds the model MindSpeed-LLM trains and saves it with Megatron-LM's
+`save_checkpoint`, ckpt format torch): iteration 1 (MindSpeed-LLM runs Megatron-LM core_v0.12.1,
+whose `read_metadata` refuses a tracker file of 0; models.py sets 1: "'0', 'release' don't
+work"), the names of the model its `--spec` builds (`mindspeed_layout`) and its tokenizer type.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import mmap
 import os
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +37,40 @@ from qwen_pretrain.conversion.checkpoint_info import CHECKPOINT_VERSION
 from qwen_pretrain.conversion.hf_io import copy_file_bytes
 from qwen_pretrain.conversion.layout import McoreLayout, RankCoord
 from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.recipes.schema import ModelShape
+
+
+@dataclass(frozen=True)
+class LegacyTarget:
+    """What the program that loads a legacy checkpoint requires beyond Megatron-LM's layout."""
+
+    iteration: int  # the tracker file's number, iter_NNNNNNN and the state's "iteration"
+    tokenizer_type: str  # recorded in args (what a run with --use-checkpoint-args takes)
+
+
+LEGACY_TARGETS = {
+    "megatron": LegacyTarget(iteration=0, tokenizer_type="HuggingFaceTokenizer"),
+    "mindspeed": LegacyTarget(iteration=1, tokenizer_type="PretrainedFromHF"),
+}
+
+# MindSpeed-LLM 2.3.0's layer spec per family, as its Qwen scripts pass it (`--spec MODULE FUNC`).
+# qwen3_spec (mindspeed_llm/tasks/models/spec/qwen3_spec.py) is Megatron's local layer: its own
+# RMSNorm as input_layernorm / pre_mlp_layernorm / q_layernorm / k_layernorm, ColumnParallelLinear
+# linear_qkv, experts from `_get_mlp_module_spec(use_te=False, ...)`. Qwen2/2.5 scripts pass no
+# spec: the default Transformer Engine spec, whose modules MindSpeed replaces with its own of the
+# same names (layer norms inside linear_qkv / linear_fc1).
+MINDSPEED_SPECS = {
+    "qwen3": ("mindspeed_llm.tasks.models.spec.qwen3_spec", "layer_spec"),
+    "qwen3_moe": ("mindspeed_llm.tasks.models.spec.qwen3_spec", "layer_spec"),
+}
+
+
+def mindspeed_layout(shape: ModelShape) -> tuple[str, str]:
+    """(layer spec, expert layout) of the names MindSpeed-LLM's model has for this family, with
+    `--moe-grouped-gemm` as its MoE scripts (and our renderer) pass it: Megatron's GroupedMLP
+    (`experts.weight1/weight2`) under local layers."""
+    layer_spec = "local" if shape.family in MINDSPEED_SPECS else "te"
+    return layer_spec, ("legacy_grouped" if shape.is_moe else "sequential")
 
 
 def legacy_rank_dir(layout: McoreLayout, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
@@ -56,6 +100,7 @@ class LegacyWriter:
         layout: McoreLayout,
         planned: Iterator[tuple[RankCoord, str, Any]],
         args: argparse.Namespace,
+        iteration: int = 0,
     ) -> None:
         import torch
 
@@ -75,7 +120,7 @@ class LegacyWriter:
                 mk: {n: None if m is None else torch.empty(m.shape, dtype=m.dtype) for n, m in state.items()}
                 for mk, state in metas.items()
             }
-            payload = {**models, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "args": args}
+            payload = {**models, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "args": args}
             with torch.serialization.skip_data():
                 torch.save(payload, path)
             del payload, models

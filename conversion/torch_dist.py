@@ -28,13 +28,18 @@ from qwen_pretrain.training.checkpoint_dir import torch_dist_padded_vocab
 
 
 def meta_model(shape: ModelShape) -> Any:
-    """A TP=1 GPTModel on the meta device: its sharded state dict names every global tensor."""
+    """A TP=1 GPTModel on the meta device: its sharded state dict names every global tensor.
+
+    The same on every host: megatron-core's local spec (whose checkpoint names are the TE
+    spec's), in a one-process CPU world, nothing allocated; a GPU host with Transformer Engine
+    plans exactly as a CPU machine does (TE's layers would pin their weights to host memory).
+    """
     from megatron.core import parallel_state as ps
     from qwen_pretrain.training.model import build_tp1_model
     from qwen_pretrain.training.parallel import init_single_process
 
     if not ps.model_parallel_is_initialized():
-        init_single_process()
+        init_single_process(device="cpu")
     return build_tp1_model(shape, meta=True)
 
 

@@ -39,6 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--stride", type=positive_int, default=None, metavar="S", help="window step (default L/2)")
     ppl.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
     ppl.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first T tokens of the data")
+    ppl.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="where the model and its inputs go (default cpu, on any host; --mcore builds "
+                          "megatron-core's local layer spec there)")
     ppl.add_argument("--out", metavar="FILE", help="also write the JSON here")
     ppl.add_argument("--no-progress", action="store_true")
     ppl.set_defaults(func=cmd_ppl)
@@ -79,9 +82,9 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from qwen_pretrain.evaluation.perplexity import hf_scorer, load_token_stream, mcore_scorer, perplexity
 
     if args.hf:
-        scorer = hf_scorer(args.hf, args.tokenizer)
+        scorer = hf_scorer(args.hf, args.tokenizer, device=args.device)
     else:
-        scorer = mcore_scorer(args.mcore, args.recipe, args.tokenizer)
+        scorer = mcore_scorer(args.mcore, args.recipe, args.tokenizer, device=args.device)
     ids = load_token_stream(args.data, scorer.tokenizer, tuple(args.json_keys), args.max_tokens)
     stride = args.stride or max(1, args.seq_length // 2)
     result = perplexity(scorer, ids, seq_length=args.seq_length, stride=stride, batch_size=args.batch_size,

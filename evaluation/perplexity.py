@@ -27,7 +27,8 @@ with unlimited context. Perplexity = exp(sum of token negative log-likelihoods /
 A scorer maps a batch of token ids [B, T] to float32 logits [B, T, V] over the model's real
 vocabulary; `hf_scorer` runs `transformers`, `mcore_scorer` a megatron-core GPTModel built by
 `training/model.py` from a recipe and loaded from a torch_dist checkpoint, so the same weights
-can be checked through both (they agree to ~1e-6 relative in fp32).
+can be checked through both (they agree to ~1e-6 relative in fp32). Both run on the device they
+are given (default CPU, on any host; the megatron-core model is always the local layer spec).
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def perplexity(
                 # logits at window position j predict stream token b + j + 1
                 lo = first - b - 1
                 pred = logits[row, lo: e - b - 1]
-                target = stream[first:e]
+                target = stream[first:e].to(logits.device)
                 nll += float(F.cross_entropy(pred, target, reduction="sum").double())
                 scored += e - first
     assert scored == n - 1, (scored, n)
@@ -220,14 +221,19 @@ def load_hf_model(model_dir: str | Path, dtype: str = "float32") -> Any:
     return model.eval()
 
 
-def hf_scorer(model_dir: str | Path, tokenizer: str | Path | None = None, dtype: str = "float32") -> Scorer:
-    model = load_hf_model(model_dir, dtype)
+def hf_scorer(
+    model_dir: str | Path, tokenizer: str | Path | None = None, dtype: str = "float32", device: str = "cpu"
+) -> Scorer:
+    from qwen_pretrain.training.run_settings import check_device_visible
+
+    check_device_visible(device)
+    model = load_hf_model(model_dir, dtype).to(device)
     vocab = int(model.config.vocab_size)
     tokenizer = str(tokenizer) if tokenizer else default_tokenizer(model_dir)
     check_vocab_match(f"--hf {model_dir}", vocab, tokenizer)
 
     def logits(ids: Any) -> Any:
-        return model(input_ids=ids, use_cache=False).logits[..., :vocab]
+        return model(input_ids=ids.to(device), use_cache=False).logits[..., :vocab]
 
     return Scorer(name=f"hf:{model_dir}", vocab_size=vocab, logits=logits, tokenizer=tokenizer)
 
@@ -237,8 +243,11 @@ def mcore_tokenizer(checkpoint: str | Path) -> str:
     return default_tokenizer(Path(checkpoint) / "hf")
 
 
-def mcore_scorer(checkpoint: str | Path, recipe_name: str | None = None, tokenizer: str | Path | None = None) -> Scorer:
-    """A megatron-core GPTModel at TP=1 (training/model.py) with a checkpoint's weights.
+def mcore_scorer(
+    checkpoint: str | Path, recipe_name: str | None = None, tokenizer: str | Path | None = None, device: str = "cpu"
+) -> Scorer:
+    """A megatron-core GPTModel at TP=1 (training/model.py, local spec) with a checkpoint's
+    weights, on `device` with its inputs, whatever this host has installed.
 
     The checkpoint is the trainer's `--save` directory or `convert`'s output (torch_dist, any saved
     TP/PP, resharded by dist_checkpointing on load; or legacy). Its shape comes from the
@@ -270,11 +279,12 @@ def mcore_scorer(checkpoint: str | Path, recipe_name: str | None = None, tokeniz
         if not shape.vocab_size <= rows <= -(-shape.vocab_size // 1024) * 1024:
             raise UserError(f"{iter_dir}: the checkpoint has {rows} vocabulary rows but tokenizer {tokenizer} needs "
                             f"{shape.vocab_size}: pass the tokenizer (--tokenizer) and recipe the model was trained with")
-    model = load_mcore_model_tp1(checkpoint, shape, fmt, get, layout)
+    model = load_mcore_model_tp1(checkpoint, shape, fmt, get, layout, device=device)
     vocab = shape.vocab_size
 
     def logits(ids: Any) -> Any:
-        positions = torch.arange(ids.shape[1], dtype=torch.long).unsqueeze(0).expand_as(ids)
+        ids = ids.to(device)
+        positions = torch.arange(ids.shape[1], dtype=torch.long, device=device).unsqueeze(0).expand_as(ids)
         # attention_mask None: the layers' causal mask; the padded-vocabulary rows are dropped.
         return model(ids, positions, None)[..., :vocab]
 

@@ -4,6 +4,8 @@ the processes are started), checked before anything is submitted.
     backends   mcore        our Megatron-core trainer (`qwen_pretrain.training.cli`)
                nemo         NeMo 2 `llm.<model>.pretrain_recipe` (a rendered script, render_nemo.py)
                megatron-lm  Megatron-LM `pretrain_gpt.py` (render_megatron.py)
+               mindspeed    MindSpeed-LLM `pretrain_gpt.py` on Ascend NPUs (a bash script per rank,
+                            render_mindspeed.py)
     launchers  torchrun     this node, rendezvous from MASTER_ADDR/MASTER_PORT/NNODES/NODE_RANK/GPUS_PER_NODE
                slurm        an sbatch script (pyxis/enroot container for GPU jobs), submitted
                nemo-run     a nemo-run script (LocalExecutor with torchrun, or SlurmExecutor)
@@ -17,23 +19,39 @@ then marked), an invalid layout, a GPU Slurm job without a container decision (-
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_pretrain.launch.nemo_run import ExecutorOptions, render_script_task
 from qwen_pretrain.launch.render_megatron import DEFAULT_MEGATRON_LM_DIR, DataSpec, megatron_lm_args
+from qwen_pretrain.launch.render_mindspeed import (
+    DEFAULT_CANN_SET_ENV,
+    DEFAULT_MINDSPEED_LLM_DIR,
+    MindSpeedRun,
+    render_mindspeed_script,
+)
 from qwen_pretrain.launch.render_nemo import check_nemo_recipe, render_nemo_script
 from qwen_pretrain.launch.slurm import DEFAULT_IMAGE, SlurmJob, check_container, render_sbatch, submit
-from qwen_pretrain.launch.torchrun import TRAIN_MODULE, Entry, NodeEnv, read_node_env, torchrun_command
+from qwen_pretrain.launch.torchrun import (
+    TRAIN_MODULE,
+    Entry,
+    NodeEnv,
+    read_node_env,
+    torchrun_command,
+    with_defaults,
+)
 from qwen_pretrain.recipes import Recipe, UserError
 from qwen_pretrain.recipes.cli_args import add_recipe_args, off_benchmark_banner, recipe_from_args
 from qwen_pretrain.recipes.files import atomic_write_text
 from qwen_pretrain.training.data import parse_data_path
+from qwen_pretrain.training.run_settings import run_settings
 
-BACKENDS = ("mcore", "nemo", "megatron-lm")
+BACKENDS = ("mcore", "nemo", "megatron-lm", "mindspeed")
 LAUNCHERS = ("torchrun", "slurm", "nemo-run")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Inside a container the checkout is mounted here, so the plain NeMo image runs our trainer.
@@ -42,7 +60,7 @@ CONTAINER_SRC = "/opt/qwen-pretrain-src"
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "launch", help="run a recipe with torchrun, Slurm or nemo-run (mcore, NeMo 2, Megatron-LM)",
+        "launch", help="run a recipe with torchrun, Slurm or nemo-run (mcore, NeMo 2, Megatron-LM, MindSpeed-LLM)",
         description=__doc__.split("\n\n")[0],
     )
     add_recipe_args(p)
@@ -75,6 +93,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--python", help="interpreter on the nodes (default: this one; `python` in a container; "
                                     ".venv-nemo's for NeMo)")
     o.add_argument("--dry-run", action="store_true", help="print what would be written and run; run nothing")
+    m = p.add_argument_group("MindSpeed-LLM (--backend mindspeed, Ascend NPUs)")
+    m.add_argument("--mindspeed-llm-dir", default=DEFAULT_MINDSPEED_LLM_DIR,
+                   help=f"MindSpeed-LLM's checkout on the nodes (default {DEFAULT_MINDSPEED_LLM_DIR})")
+    m.add_argument("--cann-set-env", default=DEFAULT_CANN_SET_ENV,
+                   help=f"the CANN toolkit's set_env.sh on the nodes (default {DEFAULT_CANN_SET_ENV})")
+    m.add_argument("--load", metavar="DIR", help="converted weights to start from (convert hf-to-mcore --target mindspeed)")
+    m.add_argument("--save", metavar="DIR", help="checkpoint directory, saved at the end of the run")
     p.set_defaults(func=cmd_launch)
 
 
@@ -87,6 +112,7 @@ class Rendered:
     command: list[str]
     submit: bool = False  # the command is sbatch: print the job id and log path
     slurm_job: SlurmJob | None = None
+    env: dict[str, str] = field(default_factory=dict)  # exported to the command where not already set
 
 
 def parse_data(args: argparse.Namespace, recipe: Recipe) -> DataSpec:
@@ -142,6 +168,31 @@ def _container(args: argparse.Namespace, slurm: bool) -> str | None:
     return args.container
 
 
+def _check_mindspeed(args: argparse.Namespace, data: DataSpec) -> None:
+    """What --backend mindspeed needs and refuses; --load/--save belong to it alone."""
+    if args.backend != "mindspeed":
+        if args.load or args.save:
+            raise UserError("--load/--save are rendered for --backend mindspeed only (the mcore trainer "
+                            "takes them in `qwen-pretrain train`)")
+        return
+    if args.launcher == "nemo-run":
+        raise UserError("--backend mindspeed runs with --launcher torchrun or slurm (nemo-run does not start NPU jobs)")
+    if args.cpu:
+        raise UserError("--backend mindspeed runs on Ascend NPUs; drop --cpu")
+    if not data.tokenizer_dir:
+        raise UserError("--backend mindspeed: pass --tokenizer-dir DIR (MindSpeed-LLM builds its "
+                        "PretrainedFromHF tokenizer from a Hugging Face directory)")
+    if args.container == DEFAULT_IMAGE:
+        raise UserError(f"--backend mindspeed: {DEFAULT_IMAGE} has no CANN or MindSpeed-LLM; pass an "
+                        "Ascend image with --container IMAGE, or --no-container")
+    # absolute, as the data prefixes: the ranks run from MindSpeed-LLM's checkout
+    args.load, args.save = (str(Path(d).resolve()) if d else None for d in (args.load, args.save))
+
+
+def _devices(backend: str, use_gpus: bool) -> str:
+    return "NPUs" if backend == "mindspeed" else "GPUs" if use_gpus else "CPU processes"
+
+
 def _python(args: argparse.Namespace, container: str | None, needs_nemo: bool) -> str:
     if args.python:
         return args.python
@@ -155,7 +206,7 @@ def _python(args: argparse.Namespace, container: str | None, needs_nemo: bool) -
 
 def _train_args(args: argparse.Namespace, recipe: Recipe, data: DataSpec, log_dir: str) -> list[str]:
     """`train` arguments: the recipe, the overrides the user gave, the data."""
-    out = ["--recipe", recipe.name]
+    out = ["--recipe", recipe.name, "--device", "cpu" if args.cpu else "cuda"]
     for flag, value in (("--tp", args.tp), ("--pp", args.pp), ("--vpp", args.vpp), ("--cp", args.cp),
                         ("--ep", args.ep), ("--etp", args.etp), ("--mbs", args.mbs), ("--gbs", args.gbs),
                         ("--seq-length", args.seq_length), ("--seed", args.seed),
@@ -188,11 +239,14 @@ def render(args: argparse.Namespace) -> Rendered:
     data = parse_data(args, recipe)
     if args.backend == "nemo":
         check_nemo_recipe(recipe)
+    _check_mindspeed(args, data)
 
     slurm = args.launcher == "slurm" or (args.launcher == "nemo-run" and args.executor == "slurm")
     container = _container(args, slurm)
     needs_nemo = args.backend == "nemo" or args.launcher == "nemo-run"
     python = _python(args, container, needs_nemo)
+    if args.backend == "mindspeed":
+        python = args.python or "python"  # the NPU nodes' interpreter (torch_npu), not this one
     job_name = args.job_name or f"{recipe.name}-{args.backend}"
     run_dir = str(Path(args.run_dir or Path("runs") / job_name).resolve())
     use_gpus = not args.cpu
@@ -204,6 +258,7 @@ def render(args: argparse.Namespace) -> Rendered:
         mounts += sorted({f"{Path(p).parent}:{Path(p).parent}" for _, p in data.blend})
         if data.tokenizer_dir:
             mounts.append(f"{data.tokenizer_dir}:{data.tokenizer_dir}")
+        mounts += [f"{d}:{d}" for d in (args.load, args.save) if d]
         if args.backend == "mcore":
             mounts.append(f"{REPO_ROOT}:{CONTAINER_SRC}/qwen_pretrain")
             exports.append(("PYTHONPATH", CONTAINER_SRC))
@@ -214,7 +269,7 @@ def render(args: argparse.Namespace) -> Rendered:
     summary = [
         f"qwen-pretrain launch: recipe {recipe.name}, backend {args.backend}, launcher {args.launcher}",
         *([banner] if banner else []),
-        f"layout: {recipe.gpus} {'GPUs' if use_gpus else 'CPU processes'} = {nodes} node(s) x {per_node}; "
+        f"layout: {recipe.gpus} {_devices(args.backend, use_gpus)} = {nodes} node(s) x {per_node}; "
         f"TP{p.tp} PP{p.pp} VPP{p.vpp or '-'} CP{p.cp} EP{p.ep} SP{'on' if p.sequence_parallel else 'off'} "
         f"DP{recipe.data_parallel_size}; GBS {recipe.training.global_batch_size}, seq "
         f"{recipe.training.seq_length}, seed {recipe.training.seed}, {recipe.training.train_steps} steps",
@@ -237,6 +292,13 @@ def render(args: argparse.Namespace) -> Rendered:
     elif args.backend == "megatron-lm":
         entry = Entry(python, tuple(megatron_lm_args(recipe, data)),
                       script=f"{args.megatron_lm_dir}/pretrain_gpt.py")
+    elif args.backend == "mindspeed":
+        script_path = f"{run_dir}/mindspeed_pretrain_{recipe.name}.sh"
+        run = MindSpeedRun(tokenizer_dir=str(data.tokenizer_dir), load=args.load, save=args.save,
+                           mindspeed_llm_dir=args.mindspeed_llm_dir, cann_set_env=args.cann_set_env, python=python)
+        files[script_path] = render_mindspeed_script(recipe, data, run, comments=[f"# {s}" for s in summary])
+        # torchrun's --no-python runs the bash script itself as every rank.
+        entry = Entry(python, (script_path,), script="--no-python")
     else:
         nemo_path = f"{run_dir}/nemo_pretrain_{recipe.name}.py"
         files[nemo_path] = render_nemo_script(recipe, data, opts, comments=[f"# {s}" for s in summary])
@@ -244,7 +306,10 @@ def render(args: argparse.Namespace) -> Rendered:
 
     if args.launcher == "torchrun":
         assert node is not None
-        return Rendered(summary, files, torchrun_command(node, entry))
+        # Our trainer's GPU processes get its run settings' environment (the Slurm script
+        # exports the same list).
+        env = run_settings(recipe, "cuda").env if args.backend == "mcore" and use_gpus else {}
+        return Rendered(summary, files, torchrun_command(node, entry), env=env)
     if args.launcher == "slurm":
         job = SlurmJob(
             job_name=job_name, nodes=nodes, procs_per_node=per_node, use_gpus=use_gpus, log_dir=run_dir,
@@ -253,6 +318,8 @@ def render(args: argparse.Namespace) -> Rendered:
             exports=tuple(exports), task_style="per-gpu" if args.backend == "nemo" else "torchrun",
             comments=tuple(summary),
         )
+        if args.backend == "mindspeed":  # NPUs are a generic resource, not GPUs
+            job = dataclasses.replace(job, use_gpus=False, gres=f"npu:{per_node}")
         sbatch_path = f"{run_dir}/{job_name}.sbatch"
         files[sbatch_path] = render_sbatch(job, entry.argv())
         return Rendered(summary, files, ["sbatch", "--parsable", sbatch_path], submit=True, slurm_job=job)
@@ -277,13 +344,15 @@ def print_dry_run(r: Rendered) -> None:
         print(f"# ---- would write {path}")
         print(text.rstrip("\n"))
         print(f"# ---- end of {path}")
+    if r.env:
+        print("# with the environment (where not already set): " + " ".join(f"{k}={v}" for k, v in r.env.items()))
     print("# would run:")
     print(shlex.join(r.command))
 
 
 def write_files(files: dict[str, str]) -> None:
     for path, text in files.items():
-        executable = Path(path).suffix in (".sbatch", ".py")
+        executable = Path(path).suffix in (".sbatch", ".py", ".sh")
         atomic_write_text(path, text, mode=0o755 if executable else None)
 
 
@@ -301,4 +370,5 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print(f"submitted Slurm job {job_id}; log: {rendered.slurm_job.log_path(job_id)}")
         return 0
     print("running: " + shlex.join(rendered.command), file=sys.stderr)
-    return subprocess.run(rendered.command).returncode
+    env = with_defaults(os.environ, rendered.env) if rendered.env else None
+    return subprocess.run(rendered.command, env=env).returncode

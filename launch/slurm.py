@@ -16,17 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_pretrain.recipes import UserError
+from qwen_pretrain.training.run_settings import GPU_ENVIRONMENT
 
 DEFAULT_IMAGE = "nvcr.io/nvidia/nemo:25.09"
 
-# Site settings win: each default applies only when the variable is unset.
-NCCL_DEFAULTS = (
-    ("CUDA_DEVICE_MAX_CONNECTIONS", "1"),  # Megatron's TP/SP overlap needs in-order kernels
-    ("NCCL_DEBUG", "WARN"),
-    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
-    ("NCCL_IB_TIMEOUT", "22"),
-    ("NCCL_NVLS_ENABLE", "0"),
-)
+# The GPU processes' environment, the same the torchrun launcher exports (one list, with why
+# each is set, in training/run_settings.py). Site settings win: each default applies only when
+# the variable is unset.
+NCCL_DEFAULTS = tuple(GPU_ENVIRONMENT.items())
 
 
 @dataclass(frozen=True)
@@ -47,6 +44,8 @@ class SlurmJob:
     # "torchrun": one task per node starting torchrun; "per-gpu": one task per GPU (NeMo/Lightning).
     task_style: str = "torchrun"
     comments: tuple[str, ...] = ()
+    # Accelerators that are not GPUs, requested as a generic resource (Ascend NPUs: "npu:8").
+    gres: str | None = None
 
     @property
     def output_pattern(self) -> str:
@@ -76,7 +75,9 @@ def render_sbatch(job: SlurmJob, entry_argv: list[str]) -> str:
     tasks = 1 if job.task_style == "torchrun" else job.procs_per_node
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job.job_name}", f"#SBATCH --nodes={job.nodes}",
              f"#SBATCH --ntasks-per-node={tasks}"]
-    if job.use_gpus:
+    if job.gres:
+        lines.append(f"#SBATCH --gres={job.gres}")
+    elif job.use_gpus:
         lines.append(f"#SBATCH --gpus-per-node={job.procs_per_node}")
     else:
         lines.append(f"#SBATCH --cpus-per-task={job.procs_per_node if tasks == 1 else 1}")

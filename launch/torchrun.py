@@ -1,7 +1,9 @@
 """torchrun on one node of a cluster, configured the way the acceptance procedure sets a node up.
 
 Every node of a job exports MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK and GPUS_PER_NODE, and
-runs the same command; torchrun then starts GPUS_PER_NODE processes with static rendezvous.
+runs the same command; torchrun then starts GPUS_PER_NODE processes with static rendezvous. GPU
+processes also get the run settings' environment (`training.run_settings.GPU_ENVIRONMENT`:
+CUDA_DEVICE_MAX_CONNECTIONS=1 and NCCL settings) where the node does not set it (`with_defaults`).
 """
 
 from __future__ import annotations
@@ -96,3 +98,9 @@ def torchrun_command(node: NodeEnv, entry: Entry) -> list[str]:
         "--master-port", str(node.master_port),
         *entry.argv()[1:],
     ]
+
+
+def with_defaults(environ: Mapping[str, str], defaults: Mapping[str, str]) -> dict[str, str]:
+    """`environ` plus each of `defaults` that it does not set: a site's own value wins, as in
+    the Slurm script's `export NAME=${NAME:-default}`."""
+    return {**defaults, **environ}

@@ -45,7 +45,7 @@ def run_train(capsys, monkeypatch, values: list[str]):
         return seen["recipe"]
 
     monkeypatch.setattr(train_cmd, "training_recipe_from_args", capture)
-    monkeypatch.setattr(train_cmd, "spawn", lambda argv, nproc: 0)
+    monkeypatch.setattr(train_cmd, "spawn", lambda argv, nproc, **kwargs: 0)
     rc = main(["train", "--recipe", "qwen3_tiny", "--nproc", "2", "--data-path", *values])
     err = capsys.readouterr().err
     blend = seen["recipe"].data.blend if rc == 0 else None

@@ -204,13 +204,32 @@ def _saved_sharding_type(path: Path, common: dict[str, Any]) -> str:
 
 def _load_weights_only(path: Path, models: list[Any], optimizer: Any) -> None:
     """Model weights from a checkpoint without training state; the optimizer starts fresh."""
-    from megatron.core import dist_checkpointing
-
-    keys = ["model" if len(models) == 1 else f"model{i}" for i in range(len(models))]
-    # Tensors are matched by their global names, so the top-level keys need not match the file's.
-    sd = {key: model.sharded_state_dict() for key, model in zip(keys, models)}
-    loaded = dist_checkpointing.load(sd, str(path))
-    for key, model in zip(keys, models):
-        model.load_state_dict(loaded[key])
+    load_model_weights(path, models)
     # bf16 runs keep fp32 main copies of the weights in the optimizer: refresh them.
     optimizer.reload_model_params()
+
+
+def load_model_weights(path: Path, models: list[Any]) -> None:
+    """The model weights of a torch_dist checkpoint into `models`, whichever layer spec wrote it.
+
+    Tensors are matched by their global names, which the local and the Transformer Engine specs
+    share, so the top-level keys need not match the file's either. TE modules may also ask for
+    `_extra_state` objects (their FP8 metadata) that a checkpoint written from the local spec
+    (a CPU conversion) does not hold: those keep their initial state. A missing tensor is refused
+    in one line.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    keys = ["model" if len(models) == 1 else f"model{i}" for i in range(len(models))]
+    sd = {key: model.sharded_state_dict() for key, model in zip(keys, models)}
+    loaded, _, absent = dist_checkpointing.load(sd, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+    tensors = sorted(k for k in absent if not k.endswith("_extra_state"))
+    if tensors:
+        raise UserError(f"{path}: tensor '{tensors[0]}' (and {len(tensors) - 1} more) is not in the "
+                        "checkpoint: it was written for another model (check --recipe)")
+    for key, model in zip(keys, models):
+        missing, unexpected = model.load_state_dict(loaded[key], strict=not absent)
+        if absent and (unexpected or any(not k.endswith("_extra_state") for k in missing)):
+            raise UserError(f"{path}: the checkpoint's weights do not fit the model: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}")

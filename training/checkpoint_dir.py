@@ -85,3 +85,20 @@ def check_torch_dist_tp(mcore_dir: Path, shape: ModelShape, tp: int) -> None:
             f"TP {', '.join(map(str, ok)) or '?'}) but TP {tp} pads it to {want}: convert again with "
             f"`qwen-pretrain convert hf-to-mcore --tp {tp}`, or load with --tp {' or '.join(map(str, ok)) or '?'}"
         )
+
+
+def legacy_layer_spec(checkpoint_dir: str | os.PathLike) -> str | None:
+    """The layer spec ("te" or "local") a legacy checkpoint's state dicts were written for, read
+    from its names (TE fuses the norms into `...layer_norm_weight`), as the converter reads it;
+    None where the latest iteration is not a legacy (per-rank `torch.save`) checkpoint."""
+    iteration = latest_iteration(checkpoint_dir)
+    if iteration is None:
+        return None
+    files = sorted(iter_dir(checkpoint_dir, iteration).glob("mp_rank_*/model_optim_rng.pt"))
+    if not files:
+        return None
+    import torch
+
+    first = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    model = first.get("model") or first.get("model0") or {}
+    return "te" if any(k.endswith("layer_norm_weight") for k in model) else "local"

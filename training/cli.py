@@ -9,6 +9,11 @@ torchrun on this machine, without it it runs `run_train` in its own process.
 Recipe overrides (`--tp --pp ... --seed --train-steps`) go through `recipes.override` and
 `recipes.check_layout`, so the acceptance table is guarded (`--off-benchmark`) and impossible
 layouts fail before any process starts. The layout's GPU count is the torchrun world size.
+
+`--device cuda|cpu` names the target (default: cuda where CUDA is visible, else cpu for the tiny
+recipes; any other recipe is refused without CUDA). `--print-config` prints the run settings of
+`training/run_settings.py` as one JSON object and starts nothing, on any machine: for cuda it
+assumes Transformer Engine, as in the NGC images (`--no-te` describes a GPU host without it).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 from qwen_pretrain.recipes.cli_args import add_recipe_args
 from qwen_pretrain.recipes.errors import UserError
+from qwen_pretrain.training.run_settings import DEVICES
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +56,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="stop before this step (the LR schedule still spans --train-steps)")
     run.add_argument("--nproc", type=int, default=None,
                      help="spawn torchrun with this many local processes (CPU demo, one node)")
+    target = p.add_argument_group("target")
+    target.add_argument("--device", choices=DEVICES, default=None,
+                        help="cuda or cpu (default: cuda where CUDA is visible; without it only the tiny "
+                             "recipes default to cpu)")
+    target.add_argument("--no-te", action="store_true",
+                        help="the GPU target has no Transformer Engine: local layer spec, no TE kernels")
+    target.add_argument("--print-config", action="store_true",
+                        help="print the run settings (layer spec, precision, fusions, DDP, environment) "
+                             "as JSON and start nothing")
 
 
 def training_recipe_from_args(args: argparse.Namespace, world_size: int | None = None) -> Any:
@@ -78,8 +93,32 @@ def training_recipe_from_args(args: argparse.Namespace, world_size: int | None =
     return recipe
 
 
+def target_settings(args: argparse.Namespace, recipe: Any) -> Any:
+    """The settings `--print-config` shows: the named (or default) device, Transformer Engine
+    assumed on cuda unless `--no-te`. Only the default device looks at this machine."""
+    from qwen_pretrain.training.run_settings import cuda_visible, default_device, run_settings
+
+    device = args.device or default_device(recipe, cuda_visible())
+    return run_settings(recipe, device, transformer_engine=not args.no_te)
+
+
+def print_config(args: argparse.Namespace, world_size: int | None = None) -> int:
+    """`--print-config`: the recipe's run settings as one JSON object on stdout."""
+    import json
+
+    recipe = training_recipe_from_args(args, world_size)
+    settings = target_settings(args, recipe)
+    print(json.dumps({"recipe": recipe.name, **settings.to_dict()}, indent=2))
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Train in this process, one rank of the world torchrun started."""
+    if args.print_config:
+        world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+        if os.environ.get("RANK", "0") != "0":
+            return 0
+        return print_config(args, world)
     if args.nproc:
         raise UserError("--nproc spawns torchrun: run `qwen-pretrain train ... --nproc N` instead")
     if "WORLD_SIZE" not in os.environ:
@@ -87,15 +126,17 @@ def run_train(args: argparse.Namespace) -> int:
             "train runs under torchrun: `torchrun --nproc-per-node N -m qwen_pretrain.training.cli ...`, "
             "or pass --nproc N to spawn it on this machine"
         )
+    from qwen_pretrain.training.run_settings import settings_for_this_host
     from qwen_pretrain.training.train import TrainOptions, train
 
     recipe = training_recipe_from_args(args, int(os.environ["WORLD_SIZE"]))
+    settings = settings_for_this_host(recipe, args.device, no_te=args.no_te)
     opts = TrainOptions(
         load=args.load, save=args.save, save_interval=args.save_interval, log_dir=args.log_dir,
         on_nan=args.on_nan, gpu=args.gpu, stop_after=args.stop_after,
     )
     try:
-        train(recipe, opts)
+        train(recipe, opts, settings)
     finally:
         from qwen_pretrain.training.parallel import destroy_parallel
 
@@ -109,9 +150,10 @@ def quiet_library_warnings() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Not megatron-core's CUDA_DEVICE_MAX_CONNECTIONS warning: the launchers export it (see
+    # run_settings.GPU_ENVIRONMENT), so the warning means a launch went around them.
     for pattern in (
         ".*Transformer Engine and Apex are not installed.*",
-        ".*CUDA_DEVICE_MAX_CONNECTIONS.*",
         ".*is not a leaf Tensor is being accessed.*",
         ".*path_to_cache is None.*",
     ):

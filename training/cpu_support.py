@@ -30,8 +30,9 @@ Usage (the trainer and `parallel.init_parallel` call it for you):
     from qwen_pretrain.training.cpu_support import enable_cpu_support
     enable_cpu_support()   # no-op when CUDA is available; idempotent
 
-It never changes anything when `torch.cuda.is_available()` is true, so GPU runs use megatron-core
-untouched. Call it before building models, optimizers or dispatchers.
+It never changes anything when `torch.cuda.is_available()` is true (unless forced: a process
+asked to run on CPU on a GPU host), so GPU runs use megatron-core untouched. Call it before
+building models, optimizers or dispatchers.
 """
 
 from __future__ import annotations
@@ -44,14 +45,18 @@ _ENABLED = False
 _MODE: Any = None
 
 
-def enable_cpu_support() -> bool:
-    """Patch torch.cuda / megatron-core for CPU; returns True when the patches are active."""
+def enable_cpu_support(*, force: bool = False) -> bool:
+    """Patch torch.cuda / megatron-core for CPU; returns True when the patches are active.
+
+    `force=True` patches even where CUDA is visible: a process asked to run on CPU (`--device
+    cpu` on a GPU host) must keep megatron-core's own CUDA allocations on the CPU too.
+    """
     global _ENABLED, _MODE
     if _ENABLED:
         return True
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not force:
         return False
     _patch_torch_cuda(torch)
     _MODE = _CudaToCpuMode()

@@ -2,10 +2,17 @@
 
     from qwen_pretrain.training.parallel import init_single_process
     from qwen_pretrain.training.model import build_model, build_tp1_model
+    from qwen_pretrain.training.run_settings import run_settings
 
     init_single_process()                # world size 1, gloo, parallel_state, seeded RNG
-    model = build_model(recipe)          # a recipe whose parallel sizes are all 1
+    model = build_model(recipe)          # a recipe whose parallel sizes are all 1 (CPU settings)
+    model = build_model(recipe, settings=run_settings(recipe, "cuda"))   # TE spec, bf16, fusions
     model = build_tp1_model(shape)       # or a bare model shape (conversion, evaluation)
+
+What the model is made of besides its shape (layer spec, precision, fusions) comes from
+`run_settings.RunSettings`, decided by the target device, never by the machine that builds it;
+without settings, the CPU reference settings apply. Conversion and evaluation always build the
+local spec (`build_tp1_model`), on the device they are asked for.
 
 Under pipeline parallelism build one model per stage with `pre_process`/`post_process` (and
 `vp_stage` for interleaving): `parallel.build_model_chunks(recipe)` does that for you.
@@ -21,50 +28,49 @@ How the Hugging Face config maps to megatron-core (one source of truth: `recipe.
   logits and softmaxes them, which is the same renormalised distribution; with `True` it
   softmaxes first and keeps the raw top-k probabilities (HF with `norm_topk_prob=False`).
   So `moe_router_pre_softmax = not norm_topk_prob`, no top-k scaling factor, `aux_loss`
-  load balancing with the recipe's coefficient, the alltoall dispatcher, and grouped GEMM only
-  where Transformer Engine runs (GPU).
+  load balancing with the recipe's coefficient, the alltoall dispatcher, and grouped GEMM where
+  the settings say so (GPU with Transformer Engine).
 - The embedding and output layer have `recipe.model.padded_vocab_size(tp)` rows (Megatron's
   make-vocab-size-divisible-by x TP rule). Rows past the real vocabulary are extra logits;
   the logits of real tokens are the same dot products as without them.
+
+Checkpoint keys do not depend on the layer spec. megatron-core's local spec maps its norms to
+the names TE fuses them under (`input_layernorm.` -> `self_attention.linear_qkv.layer_norm_`,
+`pre_mlp_layernorm.` -> `mlp.linear_fc1.layer_norm_`) in its sharded state dict. In MoE layers TE
+keeps `pre_mlp_layernorm` as a norm of its own (the experts have no fused norm), yet the local
+spec maps it all the same; here the local spec of MoE models keeps only the first mapping, so a
+torch_dist checkpoint written by either spec loads into the other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from qwen_pretrain.recipes.schema import ModelShape, Parallelism, Recipe, Training
 from qwen_pretrain.training.parallel import megatron_parallel_sizes
+from qwen_pretrain.training.run_settings import RunSettings, run_settings
 
 
-def transformer_engine_available() -> bool:
-    """True where Transformer Engine imports (GPU machines, NGC images); never on CPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # ImportError, or OSError from a missing CUDA library
-        return False
-    return True
+def cpu_settings(recipe: Recipe) -> RunSettings:
+    """The reference settings (local spec, fp32, unfused) used where none are given."""
+    return run_settings(recipe, "cpu")
 
 
-def use_bf16(recipe: Recipe) -> bool:
-    """bf16 on GPU when the recipe asks for it; CPU always trains in fp32."""
-    import torch
-
-    return recipe.training.precision == "bf16" and torch.cuda.is_available()
-
-
-def transformer_config(recipe: Recipe) -> Any:
-    """The megatron-core `TransformerConfig` for `recipe` (model shape + parallel layout)."""
+def transformer_config_kwargs(recipe: Recipe, settings: RunSettings | None = None) -> dict[str, Any]:
+    """The keyword arguments of `recipe`'s `TransformerConfig`: model shape + parallel layout from
+    the recipe, precision and fusions from `settings` (as `--print-config` shows them)."""
     import torch
     import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
+    settings = settings or cpu_settings(recipe)
     m, p = recipe.model, recipe.parallel
-    bf16 = use_bf16(recipe)
-    on_gpu = torch.cuda.is_available()
+    chosen = dict(settings.transformer_config)
+    for key in ("params_dtype", "pipeline_dtype"):
+        chosen[key] = getattr(torch, chosen[key])
+    if not m.is_moe:  # MoE-only fields stay at megatron-core's defaults for dense models
+        chosen.pop("moe_grouped_gemm")
+        chosen.pop("moe_permute_fusion")
     kwargs: dict[str, Any] = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -84,18 +90,10 @@ def transformer_config(recipe: Recipe) -> Any:
         init_method_std=0.02,
         **megatron_parallel_sizes(p),
         sequence_parallel=p.sequence_parallel,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-        # Fusions need CUDA kernels; on CPU the unfused paths are the reference ones.
-        apply_rope_fusion=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=on_gpu,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
         recompute_granularity=None if p.recompute == "none" else p.recompute,
         recompute_method="uniform" if p.recompute == "full" else None,
         recompute_num_layers=1 if p.recompute == "full" else None,
+        **chosen,
     )
     if m.is_moe:
         kwargs.update(
@@ -107,37 +105,53 @@ def transformer_config(recipe: Recipe) -> Any:
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_token_dispatcher_type="alltoall",
-            moe_grouped_gemm=transformer_engine_available(),
         )
-    return TransformerConfig(**kwargs)
+    return kwargs
 
 
-def layer_spec(recipe: Recipe) -> Any:
-    """Transformer Engine layer spec where TE imports, megatron-core's local spec otherwise."""
+def transformer_config(recipe: Recipe, settings: RunSettings | None = None) -> Any:
+    """The megatron-core `TransformerConfig` for `recipe` under `settings` (default: CPU)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(**transformer_config_kwargs(recipe, settings))
+
+
+def layer_spec(recipe: Recipe, spec: str = "local") -> Any:
+    """megatron-core's Transformer Engine layer spec (`spec="te"`) or its local spec."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     m = recipe.model
-    if transformer_engine_available():
+    if spec == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=m.num_experts, moe_grouped_gemm=m.is_moe, qk_layernorm=m.qk_norm
         )
-    return specs.get_gpt_layer_local_spec(
+    local = specs.get_gpt_layer_local_spec(
         num_experts=m.num_experts,
         moe_grouped_gemm=False,
         qk_layernorm=m.qk_norm,
         normalization="RMSNorm",
     )
+    if m.is_moe:
+        # TE's MoE layers keep `pre_mlp_layernorm` unfused: keep its name (see the module doc).
+        keys_map = {k: v for k, v in local.submodules.sharded_state_dict_keys_map.items()
+                    if not k.startswith("pre_mlp_layernorm")}
+        local = dataclasses.replace(
+            local, submodules=dataclasses.replace(local.submodules, sharded_state_dict_keys_map=keys_map)
+        )
+    return local
 
 
 def build_model(
     recipe: Recipe,
     *,
+    settings: RunSettings | None = None,
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
     config: Any = None,
 ) -> Any:
-    """One `GPTModel` (one pipeline stage / virtual chunk) for `recipe`.
+    """One `GPTModel` (one pipeline stage / virtual chunk) for `recipe` under `settings`
+    (default: the CPU reference settings).
 
     megatron-core's parallel state must be initialised (see `parallel.py`); on CPU call
     `cpu_support.enable_cpu_support()` first (`parallel.init_parallel` does).
@@ -145,10 +159,11 @@ def build_model(
     from megatron.core.models.gpt import GPTModel
 
     m = recipe.model
-    config = config or transformer_config(recipe)
+    settings = settings or cpu_settings(recipe)
+    config = config or transformer_config(recipe, settings)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(recipe),
+        transformer_layer_spec=layer_spec(recipe, settings.layer_spec),
         vocab_size=m.padded_vocab_size(recipe.parallel.tp),
         max_sequence_length=max(m.max_position_embeddings, recipe.training.seq_length),
         pre_process=pre_process,
@@ -177,19 +192,25 @@ def tp1_recipe(shape: ModelShape) -> Recipe:
     )
 
 
-def build_tp1_model(shape: ModelShape, *, meta: bool = False) -> Any:
-    """One TP=1 `GPTModel` of `shape` with every layer (fp32; call `init_single_process` first).
+def build_tp1_model(shape: ModelShape, *, meta: bool = False, device: str = "cpu") -> Any:
+    """One TP=1 `GPTModel` of `shape` with every layer: local spec, fp32, on `device` ("cpu" or
+    "cuda"), whatever this machine has (call `init_single_process(device=...)` first).
 
+    The local spec on every host: its checkpoint keys are the TE spec's (see the module doc), it
+    honours the meta device (TE layers pin their own), and it runs on CPU and GPU alike.
     `meta=True` builds it on the meta device without initialising weights: its sharded state
     dict names every global tensor and its shape without allocating any of them.
     """
-    recipe = tp1_recipe(shape)
-    if not meta:
-        return build_model(recipe)
     import torch
 
-    config = transformer_config(recipe)
+    recipe = tp1_recipe(shape)
+    settings = run_settings(recipe, device, transformer_engine=False)
+    if not meta:
+        # .to(device): megatron-core allocates its own layers on the current CUDA device, but
+        # the local spec's torch.nn.RMSNorm is created wherever torch's default device is.
+        return build_model(recipe, settings=settings).to(device)
+    config = transformer_config(recipe, settings)
     config.perform_initialization = False
     config.use_cpu_initialization = True
     with torch.device("meta"):
-        return build_model(recipe, config=config)
+        return build_model(recipe, settings=settings, config=config)

@@ -1,14 +1,17 @@
 """The Megatron-core trainer: one recipe, one readable loop (run under torchrun).
 
     from qwen_pretrain.training.train import TrainOptions, train
-    result = train(recipe, TrainOptions(save="ckpt", log_dir="runs/x"))
+    result = train(recipe, TrainOptions(save="ckpt", log_dir="runs/x"))          # this host's settings
+    result = train(recipe, opts, settings_for_this_host(recipe, "cuda"))         # or the named device
 
 Per step: megatron-core DDP (+ the distributed optimizer, AdamW) over `get_forward_backward_func`
 (no pipelining, 1F1B, or interleaved 1F1B with VPP), gradient clipping, warmup + cosine LR
 (`OptimizerParamScheduler`), a NeMo 2 log line from rank 0 (see `train_log.py`), validation
 loss and perplexity every `eval_interval` steps, torch_dist checkpoints every `save_interval`
-steps. bf16 on GPU when the recipe says so, fp32 on CPU. A non-finite loss stops the run naming
-the step (or, with `on_nan="skip"`, skips that update).
+steps. Device, layer spec, precision, fusions and communication overlap come from
+`run_settings.RunSettings` (GPU: TE spec, bf16, fusions, gradient reduce-scatter and parameter
+all-gather overlapped with compute; CPU: the unfused fp32 reference). A non-finite loss stops the
+run naming the step (or, with `on_nan="skip"`, skips that update).
 
 Step `i` (0-based) always reads the same samples and uses lr(i + 1) of the schedule, so a run
 resumed from a checkpoint at step k repeats exactly what the uninterrupted run did after k.
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -26,6 +31,8 @@ from qwen_pretrain.recipes.errors import UserError
 from qwen_pretrain.recipes.schema import Recipe
 from qwen_pretrain.training import data as data_mod
 from qwen_pretrain.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from qwen_pretrain.training.checkpoint_dir import legacy_layer_spec
+from qwen_pretrain.training.run_settings import RunSettings, settings_for_this_host
 from qwen_pretrain.training.train_log import MetricsWriter, StepMetrics
 
 
@@ -55,6 +62,7 @@ class TrainResult:
 @dataclass
 class _Setup:
     recipe: Recipe
+    settings: RunSettings
     config: Any
     models: list[Any]  # the bare GPTModel chunks (for checkpoints)
     ddp_models: list[Any]  # what the schedule runs
@@ -68,7 +76,7 @@ class _Setup:
     rank: int
 
 
-def _setup(recipe: Recipe, opts: TrainOptions) -> _Setup:
+def _setup(recipe: Recipe, opts: TrainOptions, settings: RunSettings) -> _Setup:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -76,32 +84,28 @@ def _setup(recipe: Recipe, opts: TrainOptions) -> _Setup:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.module import Float16Module
-    from qwen_pretrain.training.model import transformer_config, use_bf16
+    from qwen_pretrain.training.model import transformer_config
     from qwen_pretrain.training.parallel import build_model_chunks, init_parallel
 
-    init_parallel(recipe)
-    t, p = recipe.training, recipe.parallel
-    config = transformer_config(recipe)
-    models = build_model_chunks(recipe, config)
-    bf16 = use_bf16(recipe)
-    if bf16:
+    init_parallel(recipe, settings)
+    t = recipe.training
+    config = transformer_config(recipe, settings)
+    models = build_model_chunks(recipe, config, settings=settings)
+    bf16 = settings.bf16
+    if settings.device == "cuda":
         import torch
 
+        # Every module, whatever its precision: megatron-core allocates its own layers on the
+        # GPU, but e.g. the local spec's torch.nn.RMSNorm is created on the default device.
         for m in models:
             m.cuda(torch.cuda.current_device())
     wrapped = [Float16Module(config, m) if bf16 else m for m in models]
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=bf16,
-        overlap_grad_reduce=False,
-        overlap_param_gather=False,
-        use_distributed_optimizer=p.use_distributed_optimizer,
-    )
+    ddp_config = DistributedDataParallelConfig(**settings.ddp)
     ddp_models = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
         for i, m in enumerate(wrapped)
     ]
     opt_config = OptimizerConfig(
-        optimizer="adam",
         lr=t.lr,
         min_lr=t.min_lr,
         weight_decay=t.weight_decay,
@@ -109,9 +113,7 @@ def _setup(recipe: Recipe, opts: TrainOptions) -> _Setup:
         adam_beta2=t.adam_beta2,
         adam_eps=t.adam_eps,
         clip_grad=t.clip_grad,
-        bf16=bf16,
-        params_dtype=config.params_dtype,
-        use_distributed_optimizer=p.use_distributed_optimizer,
+        **{**settings.optimizer, "params_dtype": config.params_dtype},
     )
     optimizer = get_megatron_optimizer(opt_config, ddp_models)
     scheduler = OptimizerParamScheduler(
@@ -133,11 +135,17 @@ def _setup(recipe: Recipe, opts: TrainOptions) -> _Setup:
         config.no_sync_func = config.no_sync_func[0]
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
+    if ddp_config.overlap_grad_reduce:
+        # As Megatron-LM (align_grad_reduce): under pipeline parallelism the schedules start each
+        # chunk's gradient reduce-scatter when its last backward is done.
+        grad_sync = [m.start_grad_sync for m in ddp_models]
+        config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
 
     cache = None if opts.log_dir is None else f"{opts.log_dir}/dataset_cache"
     train_ds, valid_ds = data_mod.build_datasets(recipe, cache_dir=cache)
     return _Setup(
         recipe=recipe,
+        settings=settings,
         config=config,
         models=models,
         ddp_models=ddp_models,
@@ -190,12 +198,30 @@ def _forward_step(data_iterator: Any, model: Any) -> tuple[Any, Any]:
     return output, partial(_loss_func, batch["loss_mask"])
 
 
-def _to_device(batch: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    if not torch.cuda.is_available():
+def _to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    if device != "cuda":
         return batch
     return {k: (v.cuda(non_blocking=True) if v is not None else None) for k, v in batch.items()}
+
+
+@contextmanager
+def _parameters_in_sync(s: _Setup) -> Iterator[None]:
+    """The parameters as the optimizer left them, for validation and checkpoints.
+
+    With the parameter all-gather overlapped (GPU settings), the distributed optimizer's update
+    reaches the parameters only in the next forward's pre-hooks; Megatron-LM forces the gather
+    and turns the hooks off around evaluation and checkpoint saves, and so does this.
+    """
+    if not s.settings.ddp["overlap_param_gather"]:
+        yield
+        return
+    for m in s.ddp_models:
+        m.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for m in s.ddp_models:
+            m.enable_forward_pre_hook()
 
 
 def _run_schedule(s: _Setup, dataset: Any, step: int, base: int, forward_only: bool) -> float:
@@ -206,7 +232,7 @@ def _run_schedule(s: _Setup, dataset: Any, step: int, base: int, forward_only: b
 
     r = s.recipe
     indices = data_mod.micro_batch_indices(r, step, s.dp_rank, s.dp_size, base=base)
-    batches = [_to_device(data_mod.collate(dataset, idx)) for idx in indices]
+    batches = [_to_device(data_mod.collate(dataset, idx), s.settings.device) for idx in indices]
     # With VPP every model chunk walks the same micro-batches in its own order.
     iterators = [iter(batches) for _ in s.ddp_models]
     losses = get_forward_backward_func()(
@@ -220,8 +246,7 @@ def _run_schedule(s: _Setup, dataset: Any, step: int, base: int, forward_only: b
         forward_only=forward_only,
     )
     # Losses exist on the last pipeline stage only; sum over the world, divide by its count.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    acc = torch.zeros(2, dtype=torch.float64, device=device)
+    acc = torch.zeros(2, dtype=torch.float64, device=s.settings.device)
     if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
         acc[0] = sum(float(x["lm loss"]) for x in losses) / len(losses)
         acc[1] = 1.0
@@ -236,7 +261,7 @@ def _evaluate(s: _Setup, step: int) -> float:
     eval_index = (step + 1) // t.eval_interval - 1
     for m in s.ddp_models:
         m.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _parameters_in_sync(s):
         losses = [
             _run_schedule(s, s.valid_ds, eval_index * t.eval_iters + k, 0, forward_only=True)
             for k in range(t.eval_iters)
@@ -254,13 +279,13 @@ def _flops_per_gpu_per_s(recipe: Recipe, step_time: float, world: int) -> float:
     return per_token * recipe.tokens_per_step / step_time / world
 
 
-def _gpu_peak_tflops(name: str | None) -> float | None:
+def _gpu_peak_tflops(name: str | None, device: str) -> float | None:
     """Peak of the named accelerator, or of the one torch sees; None on CPU."""
     import torch
     from qwen_pretrain.recipes.hardware import GPUS, get_gpu
 
     if name is None:
-        if not torch.cuda.is_available():
+        if device != "cuda":
             return None
         device = torch.cuda.get_device_name().lower()
         name = next((key for key in GPUS if key in device), None)
@@ -269,15 +294,42 @@ def _gpu_peak_tflops(name: str | None) -> float | None:
     return get_gpu(name).peak_bf16_tflops
 
 
-def train(recipe: Recipe, opts: TrainOptions) -> TrainResult:
-    """Run (or resume) training of `recipe` on this torchrun world; returns rank-local results."""
+def check_loadable_format(load_dir: str, settings: RunSettings) -> None:
+    """Refuse a legacy (per-rank `torch.save`) checkpoint in one line before any work: its names
+    belong to the layer spec it was written for, and the trainer resumes from torch_dist, whose
+    names do not depend on the spec."""
+    written_for = legacy_layer_spec(load_dir)
+    if written_for is None:
+        return
+    if written_for != settings.layer_spec:
+        raise UserError(
+            f"--load {load_dir}: a legacy checkpoint written for the {written_for} layer spec, but this run "
+            f"builds the {settings.layer_spec} spec ({settings.device}"
+            f"{', Transformer Engine' if settings.transformer_engine else ''}): convert again with "
+            "`qwen-pretrain convert hf-to-mcore --format torch_dist` (any spec loads it), or "
+            f"`--format legacy --layer-spec {settings.layer_spec}` for Megatron-LM"
+        )
+    raise UserError(
+        f"--load {load_dir}: a legacy ({written_for} layer spec) checkpoint, which Megatron-LM and MindSpeed "
+        "load; this trainer loads torch_dist: convert with `qwen-pretrain convert hf-to-mcore --format torch_dist`"
+    )
+
+
+def train(recipe: Recipe, opts: TrainOptions, settings: RunSettings | None = None) -> TrainResult:
+    """Run (or resume) training of `recipe` on this torchrun world; returns rank-local results.
+
+    `settings` default: this host's (`settings_for_this_host`: CUDA where visible, tiny recipes
+    on CPU, Transformer Engine where it imports)."""
     import torch.distributed as dist
 
     if opts.on_nan not in ("stop", "skip"):
         raise UserError(f"--on-nan {opts.on_nan}: choose stop or skip")
-    s = _setup(recipe, opts)
+    settings = settings or settings_for_this_host(recipe)
+    if opts.load:
+        check_loadable_format(opts.load, settings)
+    s = _setup(recipe, opts, settings)
     t = recipe.training
-    peak = _gpu_peak_tflops(opts.gpu)
+    peak = _gpu_peak_tflops(opts.gpu, settings.device)
     writer = MetricsWriter(opts.log_dir if s.rank == 0 else None)
     if s.rank != 0:
         writer.print = lambda line: None  # type: ignore[method-assign]
@@ -301,6 +353,12 @@ def train(recipe: Recipe, opts: TrainOptions) -> TrainResult:
         f"CP {recipe.parallel.cp} EP {recipe.parallel.ep} DP {s.dp_size}), "
         f"global batch {t.global_batch_size} x seq {t.seq_length}, "
         f"data: {'mock' if not recipe.data.blend else f'{len(recipe.data.blend)} prefix(es)'}"
+    )
+    ddp = settings.ddp
+    writer.print(
+        f"Run settings: device {settings.device}, {settings.layer_spec} layer spec, {settings.precision}, "
+        f"{settings.process_group_backend}, overlap: grad reduce {'on' if ddp['overlap_grad_reduce'] else 'off'}, "
+        f"param gather {'on' if ddp['overlap_param_gather'] else 'off'}"
     )
     try:
         for step in range(state.iteration, end):
@@ -356,7 +414,8 @@ def train(recipe: Recipe, opts: TrainOptions) -> TrainResult:
             if opts.save and (
                 (opts.save_interval > 0 and (step + 1) % opts.save_interval == 0) or last
             ):
-                path = save_checkpoint(opts.save, s.models, s.optimizer, s.scheduler, state)
+                with _parameters_in_sync(s):
+                    path = save_checkpoint(opts.save, s.models, s.optimizer, s.scheduler, state)
                 result.checkpoints.append(str(path))
                 writer.print(f"Saved checkpoint {path}")
     finally:
