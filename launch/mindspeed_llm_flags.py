@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
+from qwen_pretrain.launch import megatron_lm_flags
 from qwen_pretrain.recipes.files import atomic_write_text
 
 FLAGS_FILE = Path(__file__).resolve().with_name("mindspeed_llm_flags.txt")
@@ -70,13 +71,9 @@ def read_flags(path: Path = FLAGS_FILE) -> dict[str, Flag]:
 
 
 def flags_header(path: Path = FLAGS_FILE) -> dict[str, str]:
-    """The `# key: value` lines of the flags file's header (tags, commits, ...)."""
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("# ") and ": " in line:
-            key, value = line[2:].split(": ", 1)
-            out[key] = value
-    return out
+    """The `# key: value` lines of the flags file's header (tags, commits, ...): the same header
+    format as the Megatron-LM flags file."""
+    return megatron_lm_flags.flags_header(path)
 
 
 def flag_problems(argv: list[str], flags: dict[str, Flag] | None = None) -> list[str]:
