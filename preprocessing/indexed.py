@@ -67,7 +67,7 @@ class IndexedDatasetWriter:
             raise ValueError("lengths do not add up to the number of ids")
         if len(lengths) == 0:
             return
-        self._bin.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        self._bin.write(memoryview(np.ascontiguousarray(ids, dtype=self.dtype)))  # no copy of the ids
         self._lengths.append(np.asarray(lengths, dtype=np.int32))
         self.documents += len(lengths)
         self.tokens += len(ids)

@@ -1,11 +1,13 @@
 """`preprocess()`: corpora -> Megatron `.bin/.idx`, parallel, streaming, in input order.
 
 The main process plans tasks (pieces of files, see `readers`), keeps a bounded window of them
-in flight on a pool of worker processes, and takes the results back strictly in order. Workers
-parse, tokenize, append the end-of-document id and fingerprint documents for de-duplication;
-the main process alone decides what is kept (dedup, `max_tokens`), where shards end, and
-writes. Memory is bounded by the window (about `2 x workers + 2` tasks of `TASK_BYTES` each),
-not by the corpus; the writers keep only 4 bytes per document until they write the index.
+in flight and takes the results back strictly in order. A task is parsed, tokenized, given its
+end-of-document ids and fingerprinted for de-duplication either on threads of this process,
+with gigatoken's own thread pool doing the encoding (the default with gigatoken: see
+`choose_parallelism`), or in worker processes (`tokenizers`, de-duplication). The main thread
+alone decides what is kept (dedup, `max_tokens`), where shards end, and writes. Memory is
+bounded by the window (about `2 x workers + 2` tasks of `TASK_BYTES` each), not by the corpus;
+the writers keep only 4 bytes per document until they write the index.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +32,11 @@ from qwen_pretrain.preprocessing.dedup import (
     minhash_signature,
 )
 from qwen_pretrain.preprocessing.indexed import IndexedDatasetWriter, token_dtype
-from qwen_pretrain.preprocessing.tokenizer import Tokenizer, load_tokenizer
+from qwen_pretrain.preprocessing.tokenizer import Tokenizer, load_tokenizer, start_thread_pool
 from qwen_pretrain.recipes.errors import UserError
 
 DEDUP_MODES = ("none", "exact", "minhash")
+PARALLELISM = ("auto", "threads", "processes")
 MAX_BAD_SHOWN = 5
 
 
@@ -60,8 +64,9 @@ class PreprocessResult:
     tokenizer_reason: str
     workers: int
     seconds: float
-    reference_documents: int = 0  # documents (x keys) gigatoken handed to `tokenizers` for exactness
+    reference_documents: int = 0  # documents (x keys) gigatoken handed to `tokenizers`, whole or in part
     bad_examples: tuple[str, ...] = ()
+    parallelism: str = "serial"  # "serial", "threads" (one process, gigatoken's pool) or "processes"
 
     @property
     def mb_per_s(self) -> float:
@@ -106,16 +111,17 @@ def _init_worker(job: _Job, tokenizer: Tokenizer | None = None) -> None:
 
 
 def _encode_task(task: readers.Task, parallel: bool | None = None) -> _Encoded:
+    """Parse, tokenize (+ EOD) and fingerprint one task: in a worker process, or on a thread."""
     job: _Job = _worker_state["job"]  # type: ignore[assignment]
     tok: Tokenizer = _worker_state["tokenizer"]  # type: ignore[assignment]
     parsed = readers.parse_task(task, job.keys)
-    reference_before = tok.reference_documents
-    ids, lengths = {}, {}
+    ids, lengths, reference = {}, {}, 0
     for key in job.keys:
-        flat, lens = tok.encode_batch(parsed.texts[key], parallel=parallel)
+        flat, lens, routed = tok.encode_batch_routed(parsed.texts[key], parallel=parallel)
         if job.append_eod:
             flat, lens = _append_eod(flat, lens, job.eod_id)
         ids[key], lengths[key] = flat, lens
+        reference += routed
     fingerprints: list[int] | np.ndarray | None = None
     if job.dedup != "none":
         docs = ["\n".join(t) for t in zip(*(parsed.texts[k] for k in job.keys), strict=True)]
@@ -124,8 +130,7 @@ def _encode_task(task: readers.Task, parallel: bool | None = None) -> _Encoded:
         else:
             coeff = _worker_state["coefficients"]
             fingerprints = np.stack([minhash_signature(d, job.minhash, coeff) for d in docs]) if docs else None
-    return _Encoded(ids, lengths, fingerprints, parsed.records, parsed.bad, task.size,
-                    tok.reference_documents - reference_before)
+    return _Encoded(ids, lengths, fingerprints, parsed.records, parsed.bad, task.size, reference)
 
 
 def _append_eod(flat: np.ndarray, lengths: np.ndarray, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,15 +144,35 @@ def _append_eod(flat: np.ndarray, lengths: np.ndarray, eod_id: int) -> tuple[np.
     return out, lengths + 1
 
 
-def _ordered_results(tasks: Iterator[readers.Task], job: _Job, workers: int) -> Iterator[_Encoded]:
-    """Encoded tasks in input order, at most `2 x workers + 2` in flight (bounded memory)."""
+def choose_parallelism(parallelism: str, job: _Job, workers: int) -> str:
+    """"serial" (one worker), "threads" or "processes" for `parallelism` "auto" or a forced choice.
+
+    "auto" takes threads in this process when gigatoken encodes and nothing is de-duplicated:
+    gigatoken releases the GIL while it encodes, on a process-wide thread pool with one cache of
+    encoded pieces, so parsing the next tasks (JSON, the routing check) overlaps encoding, the
+    cache warms once for all, and no ids are pickled between processes. `tokenizers` (the
+    fallback) and de-duplication keep worker processes: their per-document Python work (id
+    lists, fingerprints) holds the GIL, so threads would leave cores idle.
+    """
     if workers <= 1:
+        return "serial"
+    if parallelism == "auto":
+        return "threads" if job.backend == "gigatoken" and job.dedup == "none" else "processes"
+    return parallelism
+
+
+def _ordered_results(tasks: Iterator[readers.Task], job: _Job, workers: int, mode: str) -> Iterator[_Encoded]:
+    """Encoded tasks in input order, at most `2 x workers + 2` in flight (bounded memory)."""
+    if mode == "serial":
         for task in tasks:
             yield _encode_task(task, parallel=False)
         return
+    if mode == "threads":
+        yield from _threaded_results(tasks, workers)
+        return
     # fork where the platform has it: workers inherit the loaded, warmed-up tokenizer at no
-    # cost (the parent never ran gigatoken's thread pool: the probe and warm-up run with
-    # parallel=False, so no pool threads are copied half-way). Elsewhere spawn + initializer.
+    # cost. A forked child never uses gigatoken's pool (gigatoken sees the fork and encodes on
+    # the calling thread: pool threads are not copied by fork). Elsewhere spawn + initializer.
     if "fork" in mp.get_all_start_methods():
         ctx, init, initargs = mp.get_context("fork"), None, ()
     else:
@@ -161,6 +186,22 @@ def _ordered_results(tasks: Iterator[readers.Task], job: _Job, workers: int) -> 
         while window:
             yield window.popleft().get()
         pool.terminate()
+
+
+def _threaded_results(tasks: Iterator[readers.Task], workers: int) -> Iterator[_Encoded]:
+    """`workers` threads each parse a task and hand its texts to gigatoken's pool (`workers`
+    threads): while one thread's texts are encoded, another parses, and the caller writes."""
+    threads = ThreadPoolExecutor(workers, thread_name_prefix="preprocess")
+    window: deque[Future[_Encoded]] = deque()
+    try:
+        for task in tasks:
+            window.append(threads.submit(_encode_task, task, True))
+            if len(window) >= 2 * workers + 2:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:  # on an error or --max-tokens: drop what has not started, wait for what has
+        threads.shutdown(wait=True, cancel_futures=True)
 
 
 class _ShardedWriters:
@@ -241,6 +282,7 @@ def preprocess(
     strict: bool = False,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    parallelism: str = "auto",
 ) -> PreprocessResult:
     """Tokenize `inputs` into `{output_prefix}[_NNNN]_{key}_document.bin/.idx`.
 
@@ -250,6 +292,8 @@ def preprocess(
     `dedup`: "exact" drops documents whose normalized text was seen; "minhash" near-duplicates.
     `strict`: a malformed record is an error naming file:line instead of being skipped.
     `progress`: None shows a bar on a TTY only. `log` receives one-line notes (default stderr).
+    `parallelism`: "auto" (see `choose_parallelism`), "threads" or "processes"; the output is
+    the same whichever runs.
     """
     started = time.perf_counter()
     say = log or (lambda msg: print(msg, file=sys.stderr))
@@ -258,6 +302,8 @@ def preprocess(
         raise UserError("--json-keys: give at least one key")
     if dedup not in DEDUP_MODES:
         raise UserError(f"--dedup {dedup}: use one of {', '.join(DEDUP_MODES)}")
+    if parallelism not in PARALLELISM:
+        raise UserError(f"parallelism '{parallelism}': use one of {', '.join(PARALLELISM)}")
     for name, value in (("--max-tokens", max_tokens), ("--shard-tokens", shard_tokens)):
         if value is not None and value <= 0:
             raise UserError(f"{name} {value}: must be a positive number of tokens")
@@ -279,6 +325,9 @@ def preprocess(
     # Small inputs: smaller tasks so every worker gets some, and no more workers than tasks.
     task_bytes = int(min(readers.TASK_BYTES, max(1 << 20, on_disk // (4 * workers) + 1)))
     workers = max(1, min(workers, -(-on_disk // task_bytes)))
+    mode = choose_parallelism(parallelism, job, workers)
+    if mode == "threads":
+        start_thread_pool(tok, workers)  # --workers N: N cores, fixed at the pool's first use
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr,
                disable=(None if progress is None else not progress), mininterval=1.0)
     records_before: dict[str, int] = {}
@@ -294,7 +343,7 @@ def preprocess(
             yield task
 
     try:
-        for enc in _ordered_results(remember(tasks), job, workers):
+        for enc in _ordered_results(remember(tasks), job, workers, mode):
             task = current.popleft()
             base = records_before.get(task.path, 0) + (task.first if task.kind != "range" else 0)
             for n, reason in enc.bad:
@@ -341,4 +390,5 @@ def preprocess(
         bad_records=bad_records, duplicates=duplicates, stopped_at_max_tokens=stopped,
         tokenizer_backend=tok.backend, tokenizer_reason=tok.reason, workers=workers,
         seconds=time.perf_counter() - started, reference_documents=reference, bad_examples=tuple(bad_examples),
+        parallelism=mode,
     )

@@ -13,6 +13,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
+import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +96,9 @@ class Tokenizer:
     reference_documents: int = 0  # documents gigatoken handed to `tokenizers` (see encode_batch)
 
     def encode(self, text: str) -> list[int]:
-        flat, lengths = self.encode_batch([text])
+        # one text: the calling thread is enough, and gigatoken's thread pool is left unbuilt
+        # (its size is fixed at its first use; see `start_thread_pool`)
+        flat, lengths = self.encode_batch([text], parallel=False)
         return flat.tolist()
 
     def encode_batch(self, texts: list[str] | list[bytes], parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -102,35 +106,83 @@ class Tokenizer:
 
         With gigatoken, a document whose text NFC normalization would change, or which holds
         code points unassigned in Python's Unicode tables, is encoded by the reference
-        (`tokenizers`) instead: gigatoken 0.10.0 and tokenizers 0.23.3 normalize some
-        combining-mark sequences differently (found on real text: U+07F3 U+07FD, which
-        gigatoken reorders as Python's NFC does and tokenizers does not); the reference wins.
+        (`tokenizers`) instead, with Qwen's pre-tokenizer only the lines of it that need it (see
+        `line_cuts`): gigatoken 0.10.0 and tokenizers 0.23.3 normalize some combining-mark
+        sequences differently (found on real text: U+07F3 U+07FD, which gigatoken reorders as
+        Python's NFC does and tokenizers does not); the reference wins.
         `parallel` (gigatoken only): None lets gigatoken use its thread pool except inside a
         worker process; False keeps the work on the calling thread.
         """
+        flat, lengths, routed = self.encode_batch_routed(texts, parallel)
+        self.reference_documents += routed
+        return flat, lengths
+
+    def encode_batch_routed(
+        self, texts: list[str] | list[bytes], parallel: bool | None = None
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """`encode_batch` plus how many of the texts went to the reference, in whole or in part.
+        It changes no state: threads may call it at once on one tokenizer (gigatoken's cache of
+        encoded pieces is shared).
+
+        A document that needs the reference is cut into lines where that is exact (see
+        `line_cuts`): only the lines that need it go to `tokenizers`, the rest to gigatoken."""
         if self.backend != "gigatoken":
-            return _hf_encode(self._impl, texts)
+            return (*_hf_encode(self._impl, texts), 0)
         strs = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
         slow = [i for i, t in enumerate(strs) if needs_reference(t)]
         if not slow:
-            return _giga_encode(self._impl, strs, parallel)
-        self.reference_documents += len(slow)
-        slow_set = set(slow)
-        fast = [i for i in range(len(strs)) if i not in slow_set]
-        parts: list[np.ndarray] = [np.zeros(0, np.int32)] * len(strs)
-        lengths = np.zeros(len(strs), dtype=np.int64)
-        for idx, (flat, lens) in ((fast, _giga_encode(self._impl, [strs[i] for i in fast], parallel)),
-                                  (slow, _hf_encode(_load_hf(self.path), [strs[i] for i in slow]))):
-            for i, piece in zip(idx, np.split(flat, np.cumsum(lens)[:-1]) if len(idx) else [], strict=True):
-                parts[i] = piece
-            lengths[idx] = lens
-        return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), lengths
+            return (*_giga_encode(self._impl, strs, parallel), 0)
+        hf = _load_hf(self.path)
+        # every text as one or more parts in order, each for gigatoken (False) or the reference (True)
+        parts: list[list[tuple[str, bool]]] = [[(t, False)] for t in strs]
+        cut = _cuts_lines(hf)
+        for i in slow:
+            parts[i] = _route_lines(strs[i]) if cut else [(strs[i], True)]
+        fast_texts = [t for doc in parts for t, ref in doc if not ref]
+        slow_texts = [t for doc in parts for t, ref in doc if ref]
+        fast_ids, fast_lens = _giga_encode(self._impl, fast_texts, parallel)
+        slow_ids, slow_lens = _hf_encode(hf, slow_texts)
+        pieces = {False: iter(np.split(fast_ids, np.cumsum(fast_lens)[:-1]) if fast_texts else []),
+                  True: iter(np.split(slow_ids, np.cumsum(slow_lens)[:-1]) if slow_texts else [])}
+        docs = [[next(pieces[ref]) for _, ref in doc] for doc in parts]
+        lengths = np.fromiter((sum(len(p) for p in doc) for doc in docs), dtype=np.int64, count=len(docs))
+        flat = np.concatenate([p for doc in docs for p in doc]) if strs else np.zeros(0, np.int32)
+        return flat.astype(np.int32, copy=False), lengths, len(slow)
 
     def decode(self, ids: list[int] | np.ndarray) -> str:
         ids = [int(i) for i in ids]
         if self.backend == "gigatoken":
             return self._impl.decode(ids).decode("utf-8", errors="replace")
         return self._impl.decode(ids, skip_special_tokens=False)
+
+
+_pool_lock = threading.Lock()
+_pool_started = False
+
+
+def start_thread_pool(tok: Tokenizer, threads: int) -> None:
+    """Build gigatoken's process-wide thread pool with `threads` threads, if not built yet.
+
+    The pool (rayon's global pool) reads RAYON_NUM_THREADS once, at its first use, and keeps
+    that size for the life of the process; so the variable is set for that first use only (a
+    value the user exported wins). A pool some other code built earlier keeps its own size: the
+    ids do not depend on it, only the number of cores used.
+    """
+    global _pool_started
+    if tok.backend != "gigatoken":
+        return
+    with _pool_lock:
+        if _pool_started:
+            return
+        exported = "RAYON_NUM_THREADS" in os.environ
+        if not exported:
+            os.environ["RAYON_NUM_THREADS"] = str(threads)
+        try:
+            _giga_encode(tok._impl, ["thread pool start-up"] * 64, parallel=True)
+        finally:
+            if not exported:
+                del os.environ["RAYON_NUM_THREADS"]
+        _pool_started = True
 
 
 def _giga_encode(impl: Any, texts: list[str], parallel: bool | None) -> tuple[np.ndarray, np.ndarray]:
@@ -157,6 +209,58 @@ def needs_reference(text: str) -> bool:
         return True
     codes = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
     return bool(_unassigned_table()[codes].any())
+
+
+# Qwen's pre-tokenizer. With it, a text may be cut after a line feed that spaces or tabs and then
+# a printable ASCII character follow, and its ids are its parts' ids put together:
+# - no piece of the split regex runs across the cut: a piece holds a line feed only at its end
+#   (alternative 4 ends in `[\r\n]*`, 5 in `[\r\n]+`, 2 excludes it), and 5, which could
+#   reach past spaces to a later line feed, finds none before the printable character;
+# - NFC acts on neither side: the line feed and every ASCII character are starters that never
+#   compose with what precedes them;
+# - no added token holds a line feed.
+# tests/test_preprocess_tokenizer.py checks it on real text, with both libraries.
+QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                    r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": QWEN_SPLIT_REGEX}, "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+LINE_START = re.compile(r"[ \t]*[!-~]")
+
+
+def line_cuts(text: str) -> list[str]:
+    """`text` cut before every line that starts with spaces or tabs and a printable ASCII
+    character (the parts put together are `text`)."""
+    lines = text.split("\n")
+    parts: list[list[str]] = [[]]
+    for i, line in enumerate(lines):
+        if i and LINE_START.match(line):
+            parts.append([])
+        parts[-1].append(line)
+    return ["\n".join(part) + "\n" for part in parts[:-1]] + ["\n".join(parts[-1])]
+
+
+def _cuts_lines(hf: Any) -> bool:
+    """Whether texts may be cut by `line_cuts` for this tokenizer: Qwen's pre-tokenizer, NFC or no
+    normalizer, and no added token that strips or matches whole words."""
+    normalizer = json.loads(hf.normalizer.__getstate__()) if hf.normalizer is not None else None
+    if normalizer not in (None, {"type": "NFC"}) or hf.pre_tokenizer is None:
+        return False
+    if json.loads(hf.pre_tokenizer.__getstate__()) != QWEN_PRE_TOKENIZER:
+        return False
+    return not any(t.lstrip or t.rstrip or t.single_word for t in hf.get_added_tokens_decoder().values())
+
+
+def _route_lines(text: str) -> list[tuple[str, bool]]:
+    """`text` in runs of lines, each marked whether it needs the reference."""
+    runs: list[tuple[list[str], bool]] = []
+    for line in line_cuts(text):
+        ref = needs_reference(line)
+        if runs and runs[-1][1] == ref:
+            runs[-1][0].append(line)
+        else:
+            runs.append(([line], ref))
+    return [("".join(lines), ref) for lines, ref in runs]
 
 
 @functools.lru_cache(maxsize=1)
@@ -195,8 +299,18 @@ def _write_cache(path: Path, text: str) -> None:
         pass  # a read-only home: compute again next time
 
 
-@functools.lru_cache(maxsize=4)
+_hf_lock = threading.Lock()
+
+
 def _load_hf(path: Path) -> Any:
+    # one load per file, also when several threads need the reference at once: loading holds
+    # the GIL for a second or so, and a second copy would cost as much again
+    with _hf_lock:
+        return _load_hf_once(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_hf_once(path: Path) -> Any:
     import tokenizers
 
     return tokenizers.Tokenizer.from_file(str(path))
