@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "qwen_pretrain.preprocessing.tokenizer_cli",
     "qwen_pretrain.evaluation.cli",
     "qwen_pretrain.benchmarks.cli",
+    "qwen_pretrain.benchmarks.reference_trainer",
     "qwen_pretrain.launch.launcher",
     "qwen_pretrain.launch.train_cmd",
     "qwen_pretrain.launch.demo",
