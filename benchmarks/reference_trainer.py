@@ -343,7 +343,6 @@ def add_parser(subparsers: Any) -> None:
 def reference_recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe with the command line's overrides; the data as `train` reads it."""
     from qwen_pretrain.recipes import get_recipe, override
-    from qwen_pretrain.training import data as data_mod
 
     recipe = override(
         get_recipe(args.recipe), off_benchmark=args.off_benchmark, mbs=args.mbs, gbs=args.gbs,
@@ -355,14 +354,9 @@ def reference_recipe_from_args(args: argparse.Namespace) -> Recipe:
         raise UserError(f"--gbs {t.global_batch_size} is not a multiple of the micro batch size {mbs}")
     if t.train_steps < 1:
         raise UserError(f"--train-steps {t.train_steps}: give at least 1")
-    data = recipe.data
-    if args.data_path:
-        data = dataclasses.replace(data, blend=data_mod.parse_data_path(args.data_path))
-    elif args.mock_data:
-        data = dataclasses.replace(data, blend=())
-    if args.split:
-        data = dataclasses.replace(data, split=args.split)
-    return dataclasses.replace(recipe, data=data)
+    from qwen_pretrain.training.cli import data_from_args
+
+    return dataclasses.replace(recipe, data=data_from_args(recipe.data, args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,25 +67,31 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                              "as JSON and start nothing")
 
 
-def training_recipe_from_args(args: argparse.Namespace, world_size: int | None = None) -> Any:
-    """The recipe with the command line's overrides and the trainer's own options (eval cadence,
-    LR, data), validated for `world_size` processes. The shared recipe options alone are
-    `recipes.cli_args.recipe_from_args`, which this builds on."""
-    from qwen_pretrain.recipes import check_layout
-    from qwen_pretrain.recipes.cli_args import recipe_from_args
+def data_from_args(data: Any, args: argparse.Namespace) -> Any:
+    """`data` with the command line's `--data-path` / `--mock-data` / `--split` applied."""
     from qwen_pretrain.training import data as data_mod
 
-    recipe = recipe_from_args(
-        args, gpus=world_size, validate=False,
-        eval_interval=args.eval_interval, eval_iters=args.eval_iters, lr=args.lr,
-    )
-    data = recipe.data
     if args.data_path:
         data = dataclasses.replace(data, blend=data_mod.parse_data_path(args.data_path))
     elif args.mock_data:
         data = dataclasses.replace(data, blend=())
     if args.split:
         data = dataclasses.replace(data, split=args.split)
+    return data
+
+
+def training_recipe_from_args(args: argparse.Namespace, world_size: int | None = None) -> Any:
+    """The recipe with the command line's overrides and the trainer's own options (eval cadence,
+    LR, data), validated for `world_size` processes. The shared recipe options alone are
+    `recipes.cli_args.recipe_from_args`, which this builds on."""
+    from qwen_pretrain.recipes import check_layout
+    from qwen_pretrain.recipes.cli_args import recipe_from_args
+
+    recipe = recipe_from_args(
+        args, gpus=world_size, validate=False,
+        eval_interval=args.eval_interval, eval_iters=args.eval_iters, lr=args.lr,
+    )
+    data = data_from_args(recipe.data, args)
     if args.reset_attention_mask_at_eod:
         data = dataclasses.replace(data, reset_position_ids=True, reset_attention_mask=True)
     recipe = dataclasses.replace(recipe, data=data)
