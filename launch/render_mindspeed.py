@@ -27,7 +27,6 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from qwen_pretrain.launch.mindspeed_llm_flags import flag_problems
 from qwen_pretrain.launch.render_megatron import DataSpec, megatron_lm_args
 from qwen_pretrain.recipes import Recipe
 
@@ -99,6 +98,10 @@ def mindspeed_args(recipe: Recipe, data: DataSpec, run: MindSpeedRun) -> list[st
         a += ["--load", run.load, "--no-load-optim", "--no-load-rng"]
     if run.save:
         a += ["--save", run.save, "--save-interval", str(t.train_steps)]
+    # The flag checker imports the generator's machinery (unittest.mock, ...): load it only when
+    # rendering, not at every command's start-up.
+    from qwen_pretrain.launch.mindspeed_llm_flags import flag_problems
+
     problems = flag_problems(a)
     if problems:
         raise RuntimeError("internal: MindSpeed-LLM arguments disagree with its parser: " + "; ".join(problems))
